@@ -1,0 +1,21 @@
+//! ragpool: a pre-forked process pool server in the mould of Gunicorn, whose single-threaded
+//! async workers serve a retrieval-augmented question-answering app.
+//!
+//! # Layout
+//!
+//! - [`config`]: `workers.toml` + `RAGPOOL_*` + flags -> a validated [`config::Config`].
+//! - [`master`]: the arbiter. Binds, forks (the only `fork` is in `master::spawn`), supervises,
+//!   handles signals. Single-threaded; never touches tokio, hyper or the app.
+//! - [`scoreboard`]: shared memory between master and workers: heartbeats and counters.
+//! - [`worker`]: one tokio `current_thread` runtime per process serving HTTP/1.1 with hyper,
+//!   graceful drain, heartbeat.
+//! - [`http`]: the boundary between pool and app: limits, routing, the access log, and the one
+//!   place errors become status codes.
+//! - [`logging`]: the error log (`log` + `env_logger`), reopenable on `SIGUSR1`.
+
+pub mod config;
+pub mod http;
+pub mod logging;
+pub mod master;
+pub mod scoreboard;
+pub mod worker;

@@ -1,0 +1,309 @@
+//! The shared-memory scoreboard: one slot per worker, mapped before the first fork and shared by
+//! the master and every worker (Apache's scoreboard, Gunicorn's heartbeat file without the file).
+//!
+//! A worker writes only its own slot: a heartbeat stamped by its event loop, requests served,
+//! requests in flight, open connections, and a boot error if it fails to start. The master reads
+//! every slot to find hung workers, decide recycling, and (later) to serve metrics and status.
+//! Everything is a plain atomic in a `MAP_SHARED | MAP_ANONYMOUS` mapping, so no locks cross
+//! process boundaries and a worker that dies mid-write cannot wedge anyone.
+
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+
+/// Bytes kept of a worker's boot error.
+pub const BOOT_ERROR_LEN: usize = 480;
+
+/// What a slot's worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum SlotState {
+    /// No worker.
+    Free = 0,
+    /// Forked, building its runtime and app.
+    Booting = 1,
+    /// Accepting and serving.
+    Ready = 2,
+    /// Told to stop: finishing in-flight requests, accepting nothing new.
+    Draining = 3,
+}
+
+impl SlotState {
+    fn from_u32(v: u32) -> SlotState {
+        match v {
+            1 => SlotState::Booting,
+            2 => SlotState::Ready,
+            3 => SlotState::Draining,
+            _ => SlotState::Free,
+        }
+    }
+}
+
+/// One worker's slot. `repr(C)` and atomics only: valid when zeroed, safe to share.
+#[repr(C)]
+pub struct Slot {
+    pid: AtomicI32,
+    state: AtomicU32,
+    generation: AtomicU64,
+    /// Monotonic milliseconds at which the worker's event loop last ran its heartbeat.
+    heartbeat_ms: AtomicU64,
+    /// Monotonic milliseconds at which the master forked this worker.
+    spawned_ms: AtomicU64,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    connections: AtomicU64,
+    boot_error_len: AtomicU32,
+    boot_error: [AtomicU8; BOOT_ERROR_LEN],
+}
+
+impl Slot {
+    /// Master: claims the slot for a worker about to be forked.
+    pub fn claim(&self, generation: u64) {
+        let now = monotonic_ms();
+        self.pid.store(0, Ordering::Relaxed);
+        self.generation.store(generation, Ordering::Relaxed);
+        self.heartbeat_ms.store(now, Ordering::Relaxed);
+        self.spawned_ms.store(now, Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
+        self.in_flight.store(0, Ordering::Relaxed);
+        self.connections.store(0, Ordering::Relaxed);
+        self.boot_error_len.store(0, Ordering::Relaxed);
+        self.state
+            .store(SlotState::Booting as u32, Ordering::Release);
+    }
+
+    /// Master: records the child's pid right after fork.
+    pub fn set_pid(&self, pid: i32) {
+        self.pid.store(pid, Ordering::Release);
+    }
+
+    /// Master: returns the slot to the free list after the worker is reaped.
+    pub fn release(&self) {
+        self.pid.store(0, Ordering::Relaxed);
+        self.state.store(SlotState::Free as u32, Ordering::Release);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid.load(Ordering::Acquire)
+    }
+
+    pub fn state(&self) -> SlotState {
+        SlotState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, state: SlotState) {
+        self.state.store(state as u32, Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Worker: proves its event loop is alive.
+    pub fn stamp_heartbeat(&self) {
+        self.heartbeat_ms.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the last heartbeat.
+    pub fn silence_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.spawned_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Worker: a request has started.
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Worker: a request has finished (its response body is done or dropped).
+    pub fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Worker: leaves a message for the master before exiting with a boot-error code.
+    pub fn set_boot_error(&self, message: &str) {
+        let bytes = message.as_bytes();
+        // Cut on a char boundary so the master reads valid UTF-8.
+        let mut len = bytes.len().min(BOOT_ERROR_LEN);
+        while !message.is_char_boundary(len) {
+            len -= 1;
+        }
+        for (cell, b) in self.boot_error.iter().zip(&bytes[..len]) {
+            cell.store(*b, Ordering::Relaxed);
+        }
+        self.boot_error_len.store(len as u32, Ordering::Release);
+    }
+
+    /// Master: the boot error the worker left, if any.
+    pub fn boot_error(&self) -> Option<String> {
+        let len = self.boot_error_len.load(Ordering::Acquire) as usize;
+        if len == 0 {
+            return None;
+        }
+        let bytes: Vec<u8> = self.boot_error[..len.min(BOOT_ERROR_LEN)]
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        Some(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// The mapping itself. Created once by the master before any fork; inherited by workers.
+pub struct Scoreboard {
+    slots: NonNull<Slot>,
+    len: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot map the shared scoreboard ({slots} slots): {source}")]
+pub struct ScoreboardError {
+    slots: usize,
+    #[source]
+    source: nix::Error,
+}
+
+impl Scoreboard {
+    /// Maps `len` zeroed slots shared with every process forked afterwards.
+    pub fn new(len: usize) -> Result<Scoreboard, ScoreboardError> {
+        let bytes = std::mem::size_of::<Slot>() * len.max(1);
+        let size = NonZeroUsize::new(bytes).expect("at least one slot");
+        // SAFETY: an anonymous shared mapping of fresh zeroed pages; `Slot` is `repr(C)` atomics,
+        // for which all-zero bytes are a valid value. Nothing else aliases it yet.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }
+        .map_err(|source| ScoreboardError { slots: len, source })?;
+        Ok(Scoreboard {
+            slots: ptr.cast(),
+            len: len.max(1),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn slot(&self, index: usize) -> &Slot {
+        assert!(index < self.len, "slot {index} out of {}", self.len);
+        // SAFETY: index is in bounds of the mapping, which lives as long as `self`.
+        unsafe { &*self.slots.as_ptr().add(index) }
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
+        (0..self.len).map(move |i| (i, self.slot(i)))
+    }
+
+    /// The first free slot, if any.
+    pub fn free_slot(&self) -> Option<usize> {
+        self.slots()
+            .find(|(_, s)| s.state() == SlotState::Free)
+            .map(|(i, _)| i)
+    }
+}
+
+impl Drop for Scoreboard {
+    fn drop(&mut self) {
+        let bytes = std::mem::size_of::<Slot>() * self.len;
+        // SAFETY: unmapping exactly what `new` mapped; no reference outlives `self`.
+        let _ = unsafe { munmap(self.slots.cast(), bytes) };
+    }
+}
+
+/// Milliseconds on `CLOCK_MONOTONIC`, which is system-wide, so master and workers agree.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_start_free_and_round_trip() {
+        let board = Scoreboard::new(4).unwrap();
+        assert_eq!(board.free_slot(), Some(0));
+        let slot = board.slot(0);
+        slot.claim(7);
+        slot.set_pid(1234);
+        assert_eq!(slot.state(), SlotState::Booting);
+        assert_eq!(board.free_slot(), Some(1));
+        slot.request_started();
+        slot.request_finished();
+        assert_eq!((slot.requests(), slot.in_flight()), (1, 0));
+        slot.set_boot_error("не удалось открыть хранилище");
+        assert_eq!(
+            slot.boot_error().as_deref(),
+            Some("не удалось открыть хранилище")
+        );
+        slot.release();
+        assert_eq!(board.free_slot(), Some(0));
+    }
+
+    #[test]
+    fn boot_error_is_cut_on_a_char_boundary() {
+        let board = Scoreboard::new(1).unwrap();
+        let long = "я".repeat(BOOT_ERROR_LEN);
+        board.slot(0).set_boot_error(&long);
+        let kept = board.slot(0).boot_error().unwrap();
+        assert!(kept.len() <= BOOT_ERROR_LEN && kept.chars().all(|c| c == 'я'));
+    }
+
+    #[test]
+    fn writes_in_a_child_are_seen_by_the_parent() {
+        let board = Scoreboard::new(2).unwrap();
+        board.slot(1).claim(1);
+        // SAFETY: the child only touches atomics in the shared mapping, then _exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                board.slot(1).request_started();
+                board.slot(1).request_finished();
+                unsafe { libc::_exit(0) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(board.slot(1).requests(), 1);
+            }
+        }
+    }
+}

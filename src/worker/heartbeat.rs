@@ -1,0 +1,30 @@
+//! The heartbeat: a task on the worker's own event loop that stamps its scoreboard slot.
+//!
+//! If the loop is blocked, the stamps stop and the master kills the worker after `timeout`.
+//! The same task notices when the master has gone (our parent changed) and starts a graceful
+//! stop, so workers never outlive their master for long.
+
+use std::time::Duration;
+
+use nix::unistd::Pid;
+
+use super::server::Stopper;
+use crate::scoreboard::Slot;
+
+/// Stamp often enough that `timeout` means "several missed beats", but not busily.
+pub fn period(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(25), Duration::from_secs(1))
+}
+
+pub async fn run(slot: &'static Slot, timeout: Duration, master: Pid, stopper: Stopper) {
+    let mut tick = tokio::time::interval(period(timeout));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        slot.stamp_heartbeat();
+        if nix::unistd::getppid() != master {
+            log::warn!("master {master} is gone; stopping gracefully");
+            stopper.stop();
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! A worker process: one tokio `current_thread` runtime serving HTTP/1.1 on inherited listeners.
+//!
+//! Entered only from [`crate::master`]'s fork, after the child has shed the master's signal
+//! actions and foreign fds. Boot, in order: stamp the heartbeat; open the access log; build the
+//! runtime; take the listeners into it; load the app (clients and stores are created here, after
+//! fork, never inherited); mark the slot `Ready`. A failure before `Ready` is written into the
+//! slot and reported by exit code ([`EXIT_BOOT_ERROR`], [`EXIT_APP_LOAD_ERROR`]), so the master
+//! can say why instead of respawning forever.
+
+mod heartbeat;
+pub mod io;
+mod server;
+
+use std::sync::Arc;
+
+use nix::unistd::Pid;
+
+use crate::config::Config;
+use crate::http::access_log::AccessLog;
+use crate::http::App;
+use crate::scoreboard::{Slot, SlotState};
+
+/// Exit code: the worker could not set itself up (runtime, listeners, logs). Gunicorn's 3.
+pub const EXIT_BOOT_ERROR: i32 = 3;
+/// Exit code: the app could not be loaded (store, config of the app). Gunicorn's 4.
+pub const EXIT_APP_LOAD_ERROR: i32 = 4;
+
+/// What the master gives a freshly forked worker.
+pub struct WorkerBoot {
+    /// This worker's scoreboard slot; the mapping outlives the process.
+    pub slot: &'static Slot,
+    pub slot_index: usize,
+    pub generation: u64,
+    pub config: Arc<Config>,
+    /// Listening fds, now owned by this worker.
+    pub listen_fds: Vec<std::os::fd::RawFd>,
+    pub master_pid: Pid,
+}
+
+/// Runs the worker to completion; returns its exit code.
+pub fn run(boot: WorkerBoot) -> i32 {
+    let slot = boot.slot;
+    slot.stamp_heartbeat();
+    let fail = |code: i32, message: String| {
+        log::error!("worker failed to boot: {message}");
+        slot.set_boot_error(&message);
+        code
+    };
+
+    let access_log = match AccessLog::open(boot.config.accesslog.as_ref()) {
+        Ok(log) => log,
+        Err(e) => return fail(EXIT_BOOT_ERROR, e.to_string()),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(EXIT_BOOT_ERROR, format!("cannot build the runtime: {e}")),
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let mut listeners = Vec::with_capacity(boot.listen_fds.len());
+        for fd in &boot.listen_fds {
+            match io::Listener::from_inherited_fd(*fd) {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    return fail(
+                        EXIT_BOOT_ERROR,
+                        format!("cannot use inherited listener fd {fd}: {e}"),
+                    )
+                }
+            }
+        }
+        let app = match App::load(&boot.config) {
+            Ok(app) => app,
+            Err(e) => return fail(EXIT_APP_LOAD_ERROR, e.to_string()),
+        };
+        let stop = match server::StopSignals::install() {
+            Ok(stop) => stop,
+            Err(e) => {
+                return fail(
+                    EXIT_BOOT_ERROR,
+                    format!("cannot install signal handlers: {e}"),
+                )
+            }
+        };
+        let shared = server::Shared::new(Arc::clone(&boot.config), slot, app, access_log);
+        tokio::task::spawn_local(heartbeat::run(
+            slot,
+            boot.config.timeout,
+            boot.master_pid,
+            shared.stopper(),
+        ));
+        slot.set_state(SlotState::Ready);
+        log::debug!(
+            "worker booted (slot {}, generation {})",
+            boot.slot_index,
+            boot.generation
+        );
+        server::serve(listeners, shared, stop).await;
+        0
+    })
+}
