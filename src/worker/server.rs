@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -318,7 +319,13 @@ async fn handle(
         }
     };
     guard.status = response.status().as_u16();
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    if *shared.stop.borrow() {
+        // Tell keep-alive clients (and nginx's upstream pool) not to reuse this connection.
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     let body: Body = Box::pin(LoggedBody {
         inner: body,
         guard: Some(guard),

@@ -1,0 +1,18 @@
+//! One integration-test binary (link once): the real `ragpool` binary, real signals, real HTTP.
+
+mod support;
+
+mod cli;
+mod lifecycle;
+mod limits;
+mod reload;
+
+/// A workers.toml for tests: loopback, kernel-chosen port, the given extra lines.
+pub fn config(workers: usize, extra: &str) -> String {
+    let accesslog = if extra.contains("accesslog") {
+        ""
+    } else {
+        "accesslog = \"\"\n"
+    };
+    format!("workers = {workers}\nbind = [\"127.0.0.1:0\"]\n{accesslog}{extra}\n")
+}

@@ -1,0 +1,134 @@
+//! HUP: reload without dropping a request; a bad config or a failing generation changes nothing.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::config;
+use crate::support::http;
+use crate::support::load::Load;
+use crate::support::{free_port, wait_until, ServerProcess};
+
+const BOUND: Duration = Duration::from_secs(30);
+
+#[test]
+fn a_load_running_through_twenty_hups_sees_zero_failed_requests() {
+    let server = ServerProcess::start(&config(2, "graceful_timeout = 10\n"));
+    let load = Load::start(&server.addr(), 4);
+    assert!(load.wait_for_progress(20, BOUND));
+    for n in 1..=20 {
+        server.signal(Signal::SIGHUP);
+        assert!(
+            server.wait_for_log(
+                &format!("Reload complete: generation {} is serving", n + 1),
+                BOUND
+            ),
+            "reload {n} did not complete:\n{}",
+            server.logs()
+        );
+        assert!(
+            load.wait_for_progress(10, BOUND),
+            "no progress after reload {n}"
+        );
+    }
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.ok > 200, "{report:?}");
+    assert!(server.wait_for_workers(2, BOUND), "{:?}", server.workers());
+    assert_eq!(server.count_in_log("died"), 0, "{}", server.logs());
+}
+
+#[test]
+fn hup_with_a_broken_config_leaves_the_pool_untouched_and_logs_why() {
+    let server = ServerProcess::start(&config(2, ""));
+    let before = server.workers();
+    server.rewrite_config("workers = 3\nbind = [\"127.0.0.1:0\"]\nmax_requets = 5\n");
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload rejected", BOUND),
+        "{}",
+        server.logs()
+    );
+    let logs = server.logs();
+    assert!(
+        logs.contains("workers.toml:3: unknown key `max_requets` (did you mean `max_requests`?)"),
+        "{logs}"
+    );
+    assert_eq!(
+        server.workers(),
+        before,
+        "same processes, none started or stopped"
+    );
+    assert_eq!(server.count_in_log("Booting worker"), 2);
+    assert_eq!(http::get(&server.addr(), "/health").unwrap().status, 200);
+
+    // A good config afterwards still reloads.
+    server.rewrite_config(&config(3, ""));
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload complete", BOUND),
+        "{}",
+        server.logs()
+    );
+    assert!(server.wait_for_workers(3, BOUND));
+}
+
+#[test]
+fn hup_changes_the_worker_count_and_the_bind_address() {
+    let server = ServerProcess::start(&config(2, ""));
+    let old_addr = server.addr();
+    let port = free_port();
+    let sock = server.path("new.sock");
+    server.rewrite_config(&format!(
+        "workers = 3\nbind = [\"127.0.0.1:{port}\", \"unix:{}\"]\naccesslog = \"\"\n",
+        sock.display()
+    ));
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload complete", BOUND),
+        "{}",
+        server.logs()
+    );
+    assert!(server.wait_for_workers(3, BOUND), "{:?}", server.workers());
+    let new_addr = format!("127.0.0.1:{port}");
+    assert_eq!(http::get(&new_addr, "/health").unwrap().status, 200);
+    assert_eq!(http::get_unix(&sock, "/health").unwrap().status, 200);
+    // The old address closes once its generation has retired.
+    assert!(
+        wait_until(BOUND, || http::get(&old_addr, "/health").is_err()),
+        "old address still answers"
+    );
+    // All answers now come from the three new workers.
+    let workers: HashSet<i32> = server.workers().into_iter().collect();
+    let mut seen = HashSet::new();
+    assert!(wait_until(BOUND, || {
+        seen.insert(
+            http::get(&new_addr, "/health").unwrap().json()["pid"]
+                .as_i64()
+                .unwrap() as i32,
+        );
+        seen == workers
+    }));
+}
+
+#[test]
+fn hup_whose_new_generation_cannot_boot_keeps_the_old_one() {
+    let server = ServerProcess::start(&config(2, ""));
+    let before = server.workers();
+    server.rewrite_config(&config(2, "accesslog = \"{dir}/no/such/dir/access.log\"\n"));
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("keeps serving", BOUND),
+        "{}",
+        server.logs()
+    );
+    assert!(
+        server.logs().contains("cannot open access log"),
+        "{}",
+        server.logs()
+    );
+    assert!(server.wait_for_workers(2, BOUND));
+    assert_eq!(server.workers(), before);
+    assert_eq!(http::get(&server.addr(), "/health").unwrap().status, 200);
+}
