@@ -491,24 +491,26 @@ impl Arbiter {
         }
     }
 
-    /// Retires recycled workers once enough replacements serve that capacity does not dip.
+    /// Retires recycled workers, oldest first, only while the booted workers that would remain
+    /// still number at least `target`: capacity never dips below it.
     fn retire_replaced_workers(&mut self) {
-        let serving = self
-            .active_workers()
-            .iter()
-            .filter(|pid| self.workers.get(pid).is_some_and(|w| w.booted))
-            .count();
-        if serving < self.target {
-            return;
-        }
-        let recycled: Vec<Pid> = self
+        let mut serving: Vec<&Worker> = self
             .workers
             .values()
-            .filter(|w| w.recycle.is_some() && w.retiring_since.is_none())
-            .map(|w| w.pid)
+            .filter(|w| w.generation == self.generation && w.booted && w.retiring_since.is_none())
             .collect();
-        for pid in recycled {
-            self.retire(pid, "replacement is serving");
+        serving.sort_by_key(|w| w.spawned);
+        let mut capacity = serving.len();
+        let mut to_retire = Vec::new();
+        for worker in serving.iter().filter(|w| w.recycle.is_some()) {
+            if capacity <= self.target {
+                break;
+            }
+            to_retire.push(worker.pid);
+            capacity -= 1;
+        }
+        for pid in to_retire {
+            self.retire(pid, "its replacement is serving");
         }
     }
 

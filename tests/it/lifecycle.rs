@@ -315,3 +315,86 @@ fn access_log_has_one_line_per_request_with_status_and_pid() {
     );
     assert!(lines[1].ends_with(&format!(" {worker}")), "{text}");
 }
+
+#[test]
+fn reuse_port_gives_each_worker_its_own_socket_and_all_serve() {
+    let mut server = ServerProcess::start(&config(3, "reuse_port = true\n"));
+    let workers: HashSet<i32> = server.workers().into_iter().collect();
+    let mut answered = HashSet::new();
+    assert!(wait_until(BOUND, || {
+        answered.insert(pid_of(&http::get(&server.addr(), "/health").unwrap()));
+        answered == workers
+    }));
+    // One listening socket per worker on the port; the master's own socket only holds the port.
+    let port: u16 = server.addr().rsplit(':').next().unwrap().parse().unwrap();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let listening = table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].ends_with(&format!(":{port:04X}")) && f[3] == "0A"
+        })
+        .count();
+    assert_eq!(listening, 3);
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn a_worker_over_max_worker_memory_is_recycled_replacement_first() {
+    // 1 MiB is below any real worker's RSS, so every worker is recycled as soon as it is seen.
+    let server = ServerProcess::start(&config(1, "max_worker_memory = 1\n"));
+    let first = server.workers()[0];
+    let load = Load::start(&server.addr(), 2);
+    assert!(
+        wait_until(BOUND, || !server.workers().contains(&first)),
+        "{}",
+        server.logs()
+    );
+    assert!(load.wait_for_progress(20, BOUND));
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let logs = server.logs();
+    assert!(logs.contains(&format!("Worker (pid: {first}) uses")), "{logs}");
+    let replacement_booted = logs.match_indices("Booting worker with pid").nth(1).map(|(i, _)| i).unwrap();
+    let first_retired = logs.find(&format!("Retiring worker (pid: {first}")).unwrap();
+    assert!(replacement_booted < first_retired, "{logs}");
+}
+
+#[test]
+fn workers_that_keep_dying_are_respawned_with_growing_backoff() {
+    let server = ServerProcess::start(&config(1, ""));
+    let mut killed = HashSet::new();
+    // Kill each new worker as soon as it appears, five times over.
+    assert!(wait_until(Duration::from_secs(30), || {
+        for pid in server.workers() {
+            if killed.insert(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        killed.len() >= 5
+    }));
+    assert!(server.wait_for_log_count("workers keep failing", 3, BOUND), "{}", server.logs());
+    let logs = server.logs();
+    assert!(logs.contains("next spawn in 200ms"), "{logs}");
+    assert!(logs.contains("next spawn in 400ms"), "{logs}");
+    // It still recovers.
+    assert!(server.wait_for_workers(1, BOUND));
+    assert!(wait_until(BOUND, || http::get(&server.addr(), "/health").map(|r| r.status == 200).unwrap_or(false)));
+}
+
+#[test]
+fn usr1_reopens_the_access_log_after_rotation() {
+    let server = ServerProcess::start(&config(1, "accesslog = \"{dir}/access.log\"\n"));
+    let log = server.path("access.log");
+    http::get(&server.addr(), "/health").unwrap();
+    assert!(wait_until(BOUND, || log.exists()));
+    std::fs::rename(&log, server.path("access.log.1")).unwrap();
+    server.signal(Signal::SIGUSR1);
+    assert!(server.wait_for_log("reopening log files", BOUND));
+    assert!(wait_until(BOUND, || {
+        http::get(&server.addr(), "/health").unwrap();
+        std::fs::read_to_string(&log).map(|t| t.contains("/health")).unwrap_or(false)
+    }));
+}
