@@ -17,5 +17,6 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod master;
+pub mod rag;
 pub mod scoreboard;
 pub mod worker;

@@ -5,6 +5,7 @@
 //! every value checked and every duration a [`Duration`]. Nothing here touches processes or
 //! sockets, so the master can re-run [`load`] on `SIGHUP` and throw the result away if it fails.
 
+pub mod app;
 mod bind;
 mod error;
 pub mod raw;
@@ -14,6 +15,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use app::{Distance, EmbedConfig, LlmConfig, Provider, RagConfig, StoreBackend, StoreConfig};
 pub use bind::BindAddr;
 pub use error::{ConfigError, Origin};
 use raw::{RawBind, RawConfig, RawSeconds, RawWorkers, KEYS};
@@ -112,6 +114,12 @@ pub struct Config {
     pub reuse_port: bool,
     /// Permissions of unix sockets ragpool creates.
     pub unix_socket_mode: u32,
+    /// Bearer token for write endpoints (and later metrics); `None` disables them.
+    pub admin_token: Option<String>,
+    pub store: StoreConfig,
+    pub embed: EmbedConfig,
+    pub llm: LlmConfig,
+    pub rag: RagConfig,
 }
 
 impl Default for Config {
@@ -246,7 +254,13 @@ impl Loader {
     }
 
     fn origin_of(&self, key: &str) -> Origin {
-        self.origins.get(key).cloned().unwrap_or(Origin::Default)
+        if let Some(origin) = self.origins.get(key) {
+            return origin.clone();
+        }
+        match line_of_key(&self.doc, key) {
+            Some(line) => self.file_origin(Some(line)),
+            None => Origin::Default,
+        }
     }
 
     fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
@@ -262,8 +276,9 @@ impl Loader {
 fn translate_serde_error(message: &str, origin: Origin, key: Option<String>) -> ConfigError {
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let unknown = rest.split('`').next().unwrap_or_default().to_string();
+        let expected: Vec<&'static str> = known_keys_in(message);
         return ConfigError::UnknownKey {
-            suggestion: error::suggest(&unknown, KEYS),
+            suggestion: error::suggest(&unknown, &expected),
             origin,
             key: unknown,
         };
@@ -293,6 +308,24 @@ fn translate_serde_error(message: &str, origin: Origin, key: Option<String>) -> 
         },
     }
 }
+
+/// The keys serde listed as expected ("expected one of `a`, `b`"), as known static names.
+fn known_keys_in(message: &str) -> Vec<&'static str> {
+    let listed = message.split("expected").nth(1).unwrap_or_default();
+    ALL_KEYS.iter().copied().filter(|k| listed.contains(&format!("`{k}`"))).collect()
+}
+
+/// Every key of every table, for suggestions.
+const ALL_KEYS: &[&str] = &[
+    "workers", "bind", "backlog", "timeout", "graceful_timeout", "keepalive", "max_requests",
+    "max_requests_jitter", "max_worker_memory", "worker_connections", "limit_request_line",
+    "limit_request_fields", "limit_request_field_size", "max_body_size", "header_timeout",
+    "accesslog", "errorlog", "loglevel", "pidfile", "reuse_port", "unix_socket_mode",
+    "admin_token", "store", "embed", "llm", "rag", "backend", "path", "url", "collection",
+    "api_key", "distance", "provider", "model", "dimensions", "connect_timeout",
+    "first_token_timeout", "temperature", "max_tokens", "max_concurrent", "chunk_size",
+    "chunk_overlap", "top_k", "max_question_chars", "docs_dir", "ingest_docs_on_first_run",
+];
 
 /// Parses one key's value given as text (environment or flag): TOML syntax first, so that
 /// `RAGPOOL_REUSE_PORT=true` is a boolean, falling back to a plain string.
@@ -343,6 +376,11 @@ fn overlay(base: &mut RawConfig, top: RawConfig) {
         pidfile,
         reuse_port,
         unix_socket_mode,
+        admin_token,
+        store,
+        embed,
+        llm,
+        rag,
     );
 }
 
@@ -358,19 +396,21 @@ fn key_on_line(doc: &str, line: usize) -> Option<String> {
     (!key.is_empty() && !key.starts_with('#')).then(|| key.to_string())
 }
 
-/// The line on which a top-level key is assigned, if it is.
+/// The line on which a key (`name` at the top level, `table.name` inside a table) is assigned.
 fn line_of_key(doc: &str, key: &str) -> Option<usize> {
-    let mut in_table = false;
+    let (want_table, name) = match key.split_once('.') {
+        Some((table, name)) => (Some(table), name),
+        None => (None, key),
+    };
+    let mut table: Option<String> = None;
     for (i, text) in doc.lines().enumerate() {
         let t = text.trim();
-        if t.starts_with('[') {
-            in_table = true;
-        }
-        if in_table {
+        if let Some(header) = t.strip_prefix('[') {
+            table = Some(header.trim_end_matches(']').trim().to_string());
             continue;
         }
         if let Some((k, _)) = t.split_once('=') {
-            if k.trim().trim_matches('"') == key {
+            if k.trim().trim_matches('"') == name && table.as_deref() == want_table {
                 return Some(i + 1);
             }
         }
@@ -470,6 +510,11 @@ fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
         return Err(loader.invalid("timeout", "must be at least 0.1 seconds"));
     }
     let path_value = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let table_error = |table: &str, (key, message): app::TableError| loader.invalid(&format!("{table}.{key}"), message);
+    let store = app::store(raw.store.unwrap_or_default()).map_err(|e| table_error("store", e))?;
+    let embed = app::embed(raw.embed.unwrap_or_default()).map_err(|e| table_error("embed", e))?;
+    let llm = app::llm(raw.llm.unwrap_or_default()).map_err(|e| table_error("llm", e))?;
+    let rag = app::rag(raw.rag.unwrap_or_default()).map_err(|e| table_error("rag", e))?;
 
     Ok(Config {
         path: loader.path.clone(),
@@ -539,6 +584,11 @@ fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
         pidfile: path_value(raw.pidfile).map(PathBuf::from),
         reuse_port: raw.reuse_port.unwrap_or(false),
         unix_socket_mode,
+        admin_token: path_value(raw.admin_token),
+        store,
+        embed,
+        llm,
+        rag,
     })
 }
 

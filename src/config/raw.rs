@@ -74,6 +74,63 @@ pub struct RawConfig {
     pub pidfile: Option<String>,
     pub reuse_port: Option<bool>,
     pub unix_socket_mode: Option<String>,
+    pub admin_token: Option<String>,
+    pub store: Option<RawStore>,
+    pub embed: Option<RawEmbed>,
+    pub llm: Option<RawLlm>,
+    pub rag: Option<RawRag>,
+}
+
+/// `[store]`: where documents and chunks live.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub backend: Option<String>,
+    pub path: Option<String>,
+    pub url: Option<String>,
+    pub collection: Option<String>,
+    pub api_key: Option<String>,
+    pub distance: Option<String>,
+}
+
+/// `[embed]`: the embedding model, if any.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmbed {
+    pub provider: Option<String>,
+    pub url: Option<String>,
+    pub model: Option<String>,
+    pub api_key: Option<String>,
+    pub dimensions: Option<i64>,
+    pub timeout: Option<RawSeconds>,
+}
+
+/// `[llm]`: the generator, if any.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLlm {
+    pub provider: Option<String>,
+    pub url: Option<String>,
+    pub model: Option<String>,
+    pub api_key: Option<String>,
+    pub timeout: Option<RawSeconds>,
+    pub connect_timeout: Option<RawSeconds>,
+    pub first_token_timeout: Option<RawSeconds>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<i64>,
+    pub max_concurrent: Option<i64>,
+}
+
+/// `[rag]`: chunking, retrieval and question limits.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRag {
+    pub chunk_size: Option<i64>,
+    pub chunk_overlap: Option<i64>,
+    pub top_k: Option<i64>,
+    pub max_question_chars: Option<i64>,
+    pub docs_dir: Option<String>,
+    pub ingest_docs_on_first_run: Option<bool>,
 }
 
 /// Every top-level key, in the order `ragpool check` prints them. Used to read the matching
@@ -100,4 +157,8 @@ pub const KEYS: &[&str] = &[
     "pidfile",
     "reuse_port",
     "unix_socket_mode",
+    "admin_token",
 ];
+
+/// The tables of `workers.toml`; their keys are set in the file (or `RAGPOOL_<TABLE>__<KEY>`).
+pub const TABLES: &[&str] = &["store", "embed", "llm", "rag"];

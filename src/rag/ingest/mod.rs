@@ -1,0 +1,1 @@
+//! Loading documents and splitting them into chunks (in progress).

@@ -1,0 +1,1 @@
+//! Document and chunk stores (in progress).

@@ -1,0 +1,150 @@
+//! Words and stems, shared by indexing, querying and highlighting, so all three agree.
+//!
+//! Russian and English are stemmed with Snowball (rust-stemmers): a Cyrillic word gets the
+//! Russian stemmer, anything else the English one, so a mixed document works and
+//! "воркеры", "воркеров", "воркер" all meet at one stem.
+
+use rust_stemmers::{Algorithm, Stemmer};
+
+/// The language a question is written in, for the prompt and the UI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    English,
+    Russian,
+}
+
+/// Lower-cased words with their byte ranges in `text` (letters and digits; everything else splits).
+pub fn words(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(move |w| (w.as_ptr() as usize - text.as_ptr() as usize, w))
+}
+
+fn is_cyrillic(word: &str) -> bool {
+    word.chars().any(|c| matches!(c, '\u{0400}'..='\u{04FF}'))
+}
+
+/// Stems words; holds both stemmers so callers build them once.
+pub struct Stems {
+    english: Stemmer,
+    russian: Stemmer,
+}
+
+impl Default for Stems {
+    fn default() -> Self {
+        Stems { english: Stemmer::create(Algorithm::English), russian: Stemmer::create(Algorithm::Russian) }
+    }
+}
+
+impl Stems {
+    /// The stem of one word (lower-cased; `ё` folded to `е`).
+    pub fn stem(&self, word: &str) -> String {
+        let lower = word.to_lowercase().replace('ё', "е");
+        if is_cyrillic(&lower) {
+            self.russian.stem(&lower).into_owned()
+        } else {
+            self.english.stem(&lower).into_owned()
+        }
+    }
+
+    /// Every word's stem, space-separated: what the lexical index stores and searches.
+    pub fn stem_text(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        for (_, word) in words(text) {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&self.stem(word));
+        }
+        out
+    }
+
+    /// Distinct stems of a query, minus stop words, in order of appearance.
+    pub fn query_stems(&self, query: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        for (_, word) in words(query) {
+            let lower = word.to_lowercase();
+            if is_stop_word(&lower) {
+                continue;
+            }
+            let stem = self.stem(&lower);
+            if !stem.is_empty() && !seen.contains(&stem) {
+                seen.push(stem);
+            }
+        }
+        seen
+    }
+}
+
+/// The question's language: Russian if most of its letters are Cyrillic.
+pub fn detect_language(text: &str) -> Language {
+    let (mut cyrillic, mut latin) = (0usize, 0usize);
+    for c in text.chars() {
+        if matches!(c, '\u{0400}'..='\u{04FF}') {
+            cyrillic += 1;
+        } else if c.is_ascii_alphabetic() {
+            latin += 1;
+        }
+    }
+    if cyrillic > latin {
+        Language::Russian
+    } else {
+        Language::English
+    }
+}
+
+/// Very common words that carry no meaning for retrieval.
+pub fn is_stop_word(lower: &str) -> bool {
+    const EN: &[&str] = &[
+        "a", "an", "the", "is", "are", "was", "were", "be", "to", "of", "in", "on", "for", "and", "or",
+        "how", "what", "do", "does", "i", "you", "it", "this", "that", "with", "can", "my", "me", "by",
+        "at", "as", "from", "which", "who", "why", "when", "where",
+    ];
+    const RU: &[&str] = &[
+        "и", "в", "во", "на", "с", "со", "к", "по", "о", "об", "из", "у", "за", "от", "до", "не", "ли",
+        "как", "что", "это", "мне", "я", "ты", "вы", "он", "она", "они", "а", "но", "же", "для", "так",
+        "где", "когда", "почему", "какой", "какие", "можно", "ли",
+    ];
+    EN.contains(&lower) || RU.contains(&lower)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn russian_word_forms_share_a_stem() {
+        let s = Stems::default();
+        assert_eq!(s.stem("воркеры"), s.stem("воркеров"));
+        assert_eq!(s.stem("перезагрузить"), s.stem("перезагрузите"));
+        assert_eq!(s.stem("Ёлка"), s.stem("елки"));
+    }
+
+    #[test]
+    fn english_word_forms_share_a_stem() {
+        let s = Stems::default();
+        assert_eq!(s.stem("reloading"), s.stem("reloads"));
+        assert_eq!(s.stem("Workers"), s.stem("worker"));
+    }
+
+    #[test]
+    fn query_stems_drop_stop_words_and_duplicates() {
+        let s = Stems::default();
+        assert_eq!(s.query_stems("How do I reload the workers? reload!"), vec![s.stem("reload"), s.stem("workers")]);
+        assert_eq!(s.query_stems("как перезагрузить воркеры"), vec![s.stem("перезагрузить"), s.stem("воркеры")]);
+    }
+
+    #[test]
+    fn words_carry_byte_offsets() {
+        let text = "Привет, world!";
+        let found: Vec<(usize, &str)> = words(text).collect();
+        assert_eq!(found, vec![(0, "Привет"), (14, "world")]);
+    }
+
+    #[test]
+    fn language_detection() {
+        assert_eq!(detect_language("как перезагрузить воркеры?"), Language::Russian);
+        assert_eq!(detect_language("how do I reload the workers?"), Language::English);
+        assert_eq!(detect_language("что такое HUP?"), Language::Russian);
+    }
+}
