@@ -194,12 +194,54 @@ fn remove_stale_unix_socket(path: &Path) -> Result<(), ListenError> {
 #[derive(Default)]
 pub struct Listeners {
     pub all: Vec<Listener>,
+    /// Passed in by systemd (socket activation): `bind` is ignored and kept across reloads,
+    /// and unix socket files are never removed (they belong to systemd).
+    pub activated: bool,
 }
 
+/// The first fd systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
 impl Listeners {
+    /// The sockets systemd passed, if `LISTEN_PID` names this process and `LISTEN_FDS` > 0.
+    /// Clears the variables so nothing downstream mistakes them for its own.
+    pub fn from_systemd() -> Option<Result<Listeners, ListenError>> {
+        let pid: u32 = std::env::var("LISTEN_PID").ok()?.trim().parse().ok()?;
+        let count: RawFd = std::env::var("LISTEN_FDS").ok()?.trim().parse().ok()?;
+        if pid != std::process::id() || count <= 0 {
+            return None;
+        }
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+        let mut all = Vec::with_capacity(count as usize);
+        for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
+            // SAFETY: systemd passed these fds to this process to own (LISTEN_PID matched).
+            let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let local = match socket.local_addr() {
+                Ok(addr) => match (addr.as_socket(), addr.as_pathname()) {
+                    (Some(tcp), _) => BindAddr::Tcp(tcp),
+                    (None, Some(path)) => BindAddr::Unix(path.to_path_buf()),
+                    (None, None) => BindAddr::Unix(PathBuf::from(format!("(fd {fd})"))),
+                },
+                Err(source) => {
+                    return Some(Err(ListenError::Bind { addr: BindAddr::Unix(format!("(systemd fd {fd})").into()), source }))
+                }
+            };
+            all.push(Listener { addr: local.clone(), local, socket, listening: true, owns_path: false });
+        }
+        Some(Ok(Listeners { all, activated: true }))
+    }
+
     /// Binds every address of `config`, reusing (duplicating) sockets from `current` for
     /// addresses that did not change, so a reload never closes a port it keeps serving.
     pub fn open(config: &Config, current: Option<&Listeners>) -> Result<Listeners, ListenError> {
+        if let Some(current) = current.filter(|c| c.activated) {
+            let all = current.all.iter().map(Listener::try_clone).collect::<io::Result<Vec<_>>>();
+            return all
+                .map(|all| Listeners { all, activated: true })
+                .map_err(|source| ListenError::Bind { addr: current.all[0].addr.clone(), source });
+        }
         let mut all = Vec::with_capacity(config.bind.len());
         for addr in &config.bind {
             let kept = current.and_then(|c| {
@@ -218,7 +260,7 @@ impl Listeners {
             };
             all.push(listener);
         }
-        Ok(Listeners { all })
+        Ok(Listeners { all, activated: false })
     }
 
     /// Moves unix-path ownership from `old` to `self` for every path both have, so dropping `old`

@@ -15,6 +15,7 @@
 //! All policy lives in those small named functions.
 
 mod listeners;
+pub mod notify;
 mod pidfile;
 pub mod policy;
 pub mod signals;
@@ -37,6 +38,7 @@ pub use listeners::{ListenError, Listeners};
 pub use pidfile::{Pidfile, PidfileError};
 use policy::{Action, Phase};
 use signals::{SignalError, SignalQueue};
+use notify::Notifier;
 use spawn::{spawn_worker, Spawn};
 
 /// How long the loop sleeps when nothing happens. Signals wake it at once.
@@ -169,6 +171,10 @@ pub struct Arbiter {
     _pidfile: Option<Pidfile>,
     /// Seed for `max_requests_jitter`.
     jitter_seed: u64,
+    /// systemd's notify socket (no-op when not run by systemd).
+    notify: Notifier,
+    /// How the last reload ended, for STATUS= lines.
+    last_reload: String,
 }
 
 /// Runs the master until it is told to stop. Returns once every worker has exited.
@@ -181,7 +187,13 @@ impl Arbiter {
     /// Binds, maps the scoreboard and installs signal handlers. Forks nothing yet.
     pub fn start(source: ConfigSource, config: Config) -> Result<Arbiter, MasterError> {
         let pidfile = config.pidfile.as_deref().map(Pidfile::create).transpose()?;
-        let listeners = Listeners::open(&config, None)?;
+        let listeners = match Listeners::from_systemd() {
+            Some(activated) => {
+                log::info!("Using sockets passed by systemd (socket activation); `bind` is ignored");
+                activated?
+            }
+            None => Listeners::open(&config, None)?,
+        };
         let me = std::process::id();
         log::info!(
             "Starting ragpool {} (master pid {me})",
@@ -209,13 +221,16 @@ impl Arbiter {
             halt: None,
             _pidfile: pidfile,
             jitter_seed: u64::from(me) ^ monotonic_ms(),
+            notify: Notifier::from_env(),
+            last_reload: String::from("none"),
         })
     }
 
     pub fn run_loop(&mut self) -> Result<(), MasterError> {
         self.manage_workers(); // the first generation, without waiting for the first tick
         loop {
-            for signal in self.signals.wait(LOOP_TICK) {
+            let tick = self.notify.max_sleep().map_or(LOOP_TICK, |d| d.min(LOOP_TICK));
+            for signal in self.signals.wait(tick) {
                 self.dispatch(signal);
             }
             self.reap_workers();
@@ -238,6 +253,7 @@ impl Arbiter {
             self.manage_workers();
             self.retire_replaced_workers();
             self.note_first_generation_booted();
+            self.notify.watchdog();
         }
     }
 
@@ -529,6 +545,7 @@ impl Arbiter {
                 "All {booted} workers of generation {} are serving",
                 self.generation
             );
+            self.notify.ready(&self.status_line());
         }
     }
 
@@ -564,6 +581,7 @@ impl Arbiter {
         };
         let (owned, listen_fds) = worker_fds(listeners, config.backlog)?;
         let mut foreign_fds: Vec<RawFd> = foreign.fds();
+        foreign_fds.extend(self.notify.fd());
         foreign_fds.extend(
             listeners
                 .fds()
@@ -632,12 +650,29 @@ impl Arbiter {
         }
     }
 
+    /// One line for `systemctl status`.
+    fn status_line(&self) -> String {
+        let serving = self.workers.values().filter(|w| w.generation == self.generation && w.booted).count();
+        format!(
+            "{serving} workers serving, generation {}, last reload: {}",
+            self.generation, self.last_reload
+        )
+    }
+
+    /// Records how a reload ended and tells systemd the reload is over (READY=1).
+    fn finish_reload(&mut self, outcome: String) {
+        self.last_reload = outcome;
+        self.notify.ready(&self.status_line());
+    }
+
     /// HUP: validate the config; if good, start a new generation beside the serving one.
     fn reload(&mut self) {
+        self.notify.reloading();
         let config = match config::load(&self.source) {
             Ok(config) => Arc::new(config),
             Err(e) => {
                 log::error!("Reload rejected, the running workers are untouched: {e}");
+                self.finish_reload(format!("rejected ({e})"));
                 return;
             }
         };
@@ -648,6 +683,7 @@ impl Arbiter {
             Ok(listeners) => listeners,
             Err(e) => {
                 log::error!("Reload rejected, the running workers are untouched: {e}");
+                self.finish_reload(format!("rejected ({e})"));
                 return;
             }
         };
@@ -698,6 +734,7 @@ impl Arbiter {
             self.retire(pid, "replaced by a reload");
         }
         log::info!("Reload complete: generation {} is serving", self.generation);
+        self.finish_reload(format!("ok (generation {})", self.generation));
     }
 
     /// Rolls back a pending reload: its workers stop, its new listeners close, nothing else changes.
@@ -719,6 +756,9 @@ impl Arbiter {
             reload.generation,
             self.generation
         );
+        if !reason.starts_with("superseded") {
+            self.finish_reload(format!("failed ({reason})"));
+        }
     }
 
     /// TERM/QUIT (graceful) or INT (quick): close the listeners and tell every worker.
@@ -732,6 +772,9 @@ impl Arbiter {
                 self.config.graceful_timeout + RETIRE_GRACE,
             )
         };
+        if !matches!(self.phase, Phase::Draining | Phase::Halting) {
+            self.notify.stopping();
+        }
         self.phase = phase;
         self.stop_deadline = Some(Instant::now() + grace);
         self.reload = None;

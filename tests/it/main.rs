@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod lifecycle;
 mod limits;
+mod ops;
 mod reload;
 
 /// A workers.toml for tests: loopback, kernel-chosen port, the given extra lines.

@@ -60,6 +60,15 @@ pub fn children_of(parent: i32) -> Vec<i32> {
     out
 }
 
+/// How to start the binary beyond the defaults.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// A program (and its arguments) that runs ragpool, e.g. systemd-socket-activate.
+    pub wrapper: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+    pub extra_args: &'a [&'a str],
+}
+
 /// A running `ragpool serve` in its own temp dir and process group; killed on drop.
 pub struct ServerProcess {
     child: Child,
@@ -84,16 +93,29 @@ impl ServerProcess {
 
     /// Starts without waiting for readiness (for boot-failure tests).
     pub fn spawn(config: &str, extra_args: &[&str]) -> ServerProcess {
+        ServerProcess::launch(config, Launch { extra_args, ..Launch::default() })
+    }
+
+    /// Starts with a wrapper command (e.g. `systemd-socket-activate -l ADDR`) and extra env.
+    pub fn launch(config: &str, launch: Launch<'_>) -> ServerProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = config.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("workers.toml");
         std::fs::write(&config_path, config).expect("write workers.toml");
-        let mut command = Command::new(BIN);
+        let mut command = match launch.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        command.envs(launch.env.iter().copied());
         command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .args(extra_args)
+            .args(launch.extra_args)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
