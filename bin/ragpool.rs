@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ragpool::config::{self, ConfigSource, Overrides};
 use ragpool::master::{self, MasterError};
+use ragpool::rag::UpsertOutcome;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Add or update documents: files or folders (Markdown, text, HTML, PDF). Safe while serving.
+    Ingest {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Files or folders (walked recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 const EXIT_CONFIG: u8 = 2;
@@ -53,6 +62,9 @@ fn main() -> ExitCode {
             workers,
             bind,
         } => serve(ConfigSource::new(config, Overrides { workers, bind })),
+        Command::Ingest { config, paths } => {
+            ingest(ConfigSource::new(config, Overrides::default()), &paths)
+        }
     }
 }
 
@@ -93,6 +105,87 @@ fn serve(source: ConfigSource) -> ExitCode {
             }
         }
     }
+}
+
+/// `ragpool ingest`: its own process and runtime (never the master's), the same store as the
+/// workers; prints one line per document and exits 1 if any failed.
+fn ingest(source: ConfigSource, paths: &[PathBuf]) -> ExitCode {
+    let config = match config::load(&source) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ragpool: error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ragpool: error: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let rag = match ragpool::rag::engine::Rag::open(&config).await {
+            Ok(rag) => rag,
+            Err(e) => {
+                eprintln!("ragpool: error: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut counts = [0usize; 4]; // inserted, replaced, unchanged, failed
+        for path in paths {
+            let files = match ragpool::rag::ingest::load_path(path) {
+                Ok(files) => files,
+                Err(e) => {
+                    eprintln!("failed     {}: {e}", path.display());
+                    counts[3] += 1;
+                    continue;
+                }
+            };
+            for file in files {
+                let doc = match file {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        eprintln!("failed     {e}");
+                        counts[3] += 1;
+                        continue;
+                    }
+                };
+                let source = doc.source.clone();
+                match rag.ingest(doc).await {
+                    Ok(UpsertOutcome::Inserted(id)) => {
+                        counts[0] += 1;
+                        println!("inserted   {source} ({id})");
+                    }
+                    Ok(UpsertOutcome::Replaced(id)) => {
+                        counts[1] += 1;
+                        println!("replaced   {source} ({id})");
+                    }
+                    Ok(UpsertOutcome::Unchanged(id)) => {
+                        counts[2] += 1;
+                        println!("unchanged  {source} ({id})");
+                    }
+                    Err(e) => {
+                        counts[3] += 1;
+                        eprintln!("failed     {source}: {}", error_chain(&e));
+                    }
+                }
+            }
+        }
+        let [inserted, replaced, unchanged, failed] = counts;
+        println!(
+            "{inserted} inserted, {replaced} replaced, {unchanged} unchanged, {failed} failed"
+        );
+        if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

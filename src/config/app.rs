@@ -108,7 +108,13 @@ fn secs(key: &'static str, v: Option<RawSeconds>, default: f64) -> Result<Durati
     Ok(Duration::from_secs_f64(s))
 }
 
-fn int(key: &'static str, v: Option<i64>, default: usize, min: usize, max: usize) -> Result<usize, TableError> {
+fn int(
+    key: &'static str,
+    v: Option<i64>,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, TableError> {
     let n = v.unwrap_or(default as i64);
     if n < min as i64 || n > max as i64 {
         return Err((key, format!("{n} is out of range {min}..={max}")));
@@ -122,29 +128,55 @@ fn provider(v: Option<String>, default: Provider) -> Result<Provider, TableError
         Some("none" | "") => Ok(Provider::None),
         Some("ollama") => Ok(Provider::Ollama),
         Some("openai") => Ok(Provider::OpenAi),
-        Some(other) => Err(("provider", format!("\"{other}\" is not one of \"none\", \"ollama\", \"openai\""))),
+        Some(other) => Err((
+            "provider",
+            format!("\"{other}\" is not one of \"none\", \"ollama\", \"openai\""),
+        )),
     }
 }
 
 fn url(v: Option<String>, default: &str) -> Result<String, TableError> {
     let u = non_empty(v).unwrap_or_else(|| default.to_string());
     if !(u.starts_with("http://") || u.starts_with("https://")) {
-        return Err(("url", format!("\"{u}\" must start with http:// or https://")));
+        return Err((
+            "url",
+            format!("\"{u}\" must start with http:// or https://"),
+        ));
     }
     Ok(u.trim_end_matches('/').to_string())
 }
 
 pub fn store(raw: RawStore) -> Result<StoreConfig, TableError> {
-    let backend = match raw.backend.as_deref().map(str::to_ascii_lowercase).as_deref() {
+    let backend = match raw
+        .backend
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         None | Some("embedded") => StoreBackend::Embedded,
         Some("qdrant") => StoreBackend::Qdrant,
-        Some(other) => return Err(("backend", format!("\"{other}\" is not \"embedded\" or \"qdrant\""))),
+        Some(other) => {
+            return Err((
+                "backend",
+                format!("\"{other}\" is not \"embedded\" or \"qdrant\""),
+            ))
+        }
     };
-    let distance = match raw.distance.as_deref().map(str::to_ascii_lowercase).as_deref() {
+    let distance = match raw
+        .distance
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         None | Some("cosine") => Distance::Cosine,
         Some("dot") => Distance::Dot,
         Some("euclid") => Distance::Euclid,
-        Some(other) => return Err(("distance", format!("\"{other}\" is not cosine, dot or euclid"))),
+        Some(other) => {
+            return Err((
+                "distance",
+                format!("\"{other}\" is not cosine, dot or euclid"),
+            ))
+        }
     };
     Ok(StoreConfig {
         backend,
@@ -170,7 +202,10 @@ pub fn embed(raw: RawEmbed) -> Result<EmbedConfig, TableError> {
 pub fn llm(raw: RawLlm) -> Result<LlmConfig, TableError> {
     let temperature = raw.temperature.unwrap_or(0.2);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(("temperature", format!("{temperature} is out of range 0..=2")));
+        return Err((
+            "temperature",
+            format!("{temperature} is out of range 0..=2"),
+        ));
     }
     Ok(LlmConfig {
         provider: provider(raw.provider, Provider::Ollama)?,
@@ -190,13 +225,22 @@ pub fn rag(raw: RawRag) -> Result<RagConfig, TableError> {
     let chunk_size = int("chunk_size", raw.chunk_size, 800, 100, 100_000)?;
     let chunk_overlap = int("chunk_overlap", raw.chunk_overlap, 100, 0, 50_000)?;
     if chunk_overlap >= chunk_size {
-        return Err(("chunk_overlap", format!("{chunk_overlap} must be smaller than chunk_size ({chunk_size})")));
+        return Err((
+            "chunk_overlap",
+            format!("{chunk_overlap} must be smaller than chunk_size ({chunk_size})"),
+        ));
     }
     Ok(RagConfig {
         chunk_size,
         chunk_overlap,
         top_k: int("top_k", raw.top_k, 5, 1, MAX_TOP_K)?,
-        max_question_chars: int("max_question_chars", raw.max_question_chars, 2000, 10, 100_000)?,
+        max_question_chars: int(
+            "max_question_chars",
+            raw.max_question_chars,
+            2000,
+            10,
+            100_000,
+        )?,
         docs_dir: PathBuf::from(non_empty(raw.docs_dir).unwrap_or_else(|| "docs".into())),
         ingest_docs_on_first_run: raw.ingest_docs_on_first_run.unwrap_or(true),
     })

@@ -15,7 +15,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use app::{Distance, EmbedConfig, LlmConfig, Provider, RagConfig, StoreBackend, StoreConfig};
+pub use app::{
+    Distance, EmbedConfig, LlmConfig, Provider, RagConfig, StoreBackend, StoreConfig, MAX_TOP_K,
+};
 pub use bind::BindAddr;
 pub use error::{ConfigError, Origin};
 use raw::{RawBind, RawConfig, RawSeconds, RawWorkers, KEYS};
@@ -312,19 +314,61 @@ fn translate_serde_error(message: &str, origin: Origin, key: Option<String>) -> 
 /// The keys serde listed as expected ("expected one of `a`, `b`"), as known static names.
 fn known_keys_in(message: &str) -> Vec<&'static str> {
     let listed = message.split("expected").nth(1).unwrap_or_default();
-    ALL_KEYS.iter().copied().filter(|k| listed.contains(&format!("`{k}`"))).collect()
+    ALL_KEYS
+        .iter()
+        .copied()
+        .filter(|k| listed.contains(&format!("`{k}`")))
+        .collect()
 }
 
 /// Every key of every table, for suggestions.
 const ALL_KEYS: &[&str] = &[
-    "workers", "bind", "backlog", "timeout", "graceful_timeout", "keepalive", "max_requests",
-    "max_requests_jitter", "max_worker_memory", "worker_connections", "limit_request_line",
-    "limit_request_fields", "limit_request_field_size", "max_body_size", "header_timeout",
-    "accesslog", "errorlog", "loglevel", "pidfile", "reuse_port", "unix_socket_mode",
-    "admin_token", "store", "embed", "llm", "rag", "backend", "path", "url", "collection",
-    "api_key", "distance", "provider", "model", "dimensions", "connect_timeout",
-    "first_token_timeout", "temperature", "max_tokens", "max_concurrent", "chunk_size",
-    "chunk_overlap", "top_k", "max_question_chars", "docs_dir", "ingest_docs_on_first_run",
+    "workers",
+    "bind",
+    "backlog",
+    "timeout",
+    "graceful_timeout",
+    "keepalive",
+    "max_requests",
+    "max_requests_jitter",
+    "max_worker_memory",
+    "worker_connections",
+    "limit_request_line",
+    "limit_request_fields",
+    "limit_request_field_size",
+    "max_body_size",
+    "header_timeout",
+    "accesslog",
+    "errorlog",
+    "loglevel",
+    "pidfile",
+    "reuse_port",
+    "unix_socket_mode",
+    "admin_token",
+    "store",
+    "embed",
+    "llm",
+    "rag",
+    "backend",
+    "path",
+    "url",
+    "collection",
+    "api_key",
+    "distance",
+    "provider",
+    "model",
+    "dimensions",
+    "connect_timeout",
+    "first_token_timeout",
+    "temperature",
+    "max_tokens",
+    "max_concurrent",
+    "chunk_size",
+    "chunk_overlap",
+    "top_k",
+    "max_question_chars",
+    "docs_dir",
+    "ingest_docs_on_first_run",
 ];
 
 /// Parses one key's value given as text (environment or flag): TOML syntax first, so that
@@ -510,7 +554,9 @@ fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
         return Err(loader.invalid("timeout", "must be at least 0.1 seconds"));
     }
     let path_value = |v: Option<String>| v.filter(|s| !s.is_empty());
-    let table_error = |table: &str, (key, message): app::TableError| loader.invalid(&format!("{table}.{key}"), message);
+    let table_error = |table: &str, (key, message): app::TableError| {
+        loader.invalid(&format!("{table}.{key}"), message)
+    };
     let store = app::store(raw.store.unwrap_or_default()).map_err(|e| table_error("store", e))?;
     let embed = app::embed(raw.embed.unwrap_or_default()).map_err(|e| table_error("embed", e))?;
     let llm = app::llm(raw.llm.unwrap_or_default()).map_err(|e| table_error("llm", e))?;

@@ -5,17 +5,20 @@
 //! [`ApiError::into_response`], and bodies never carry internal details.
 
 pub mod access_log;
+pub mod api;
 pub mod limits;
+pub mod sse;
 
 use std::convert::Infallible;
 
 use std::pin::Pin;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::{Request, Response, StatusCode};
 
 use crate::config::Config;
 
@@ -63,6 +66,11 @@ impl ApiError {
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         response
     }
 }
@@ -70,36 +78,34 @@ impl ApiError {
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("cannot load the app: {0}")]
-    Load(String),
+    Load(#[from] crate::rag::engine::RagError),
 }
 
 /// The application every worker serves. Built after fork, inside the worker's runtime.
 pub struct App {
-    pid: u32,
+    api: api::Api,
 }
 
 impl App {
-    pub fn load(_config: &Config) -> Result<App, AppError> {
+    pub async fn load(config: &Config) -> Result<App, AppError> {
+        let rag = Rc::new(crate::rag::engine::Rag::open(config).await?);
         Ok(App {
-            pid: std::process::id(),
+            api: api::Api {
+                rag,
+                admin_token: config.admin_token.clone(),
+                max_body: config.limits.body,
+            },
         })
     }
 
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        match self.route(request).await {
-            Ok(response) => response,
-            Err(error) => error.into_response(),
-        }
+    pub fn rag(&self) -> &Rc<crate::rag::engine::Rag> {
+        &self.api.rag
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        match (request.method(), request.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/health") => Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({ "status": "ok", "pid": self.pid }),
-            )),
-            (_, "/health") => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "use GET")),
-            _ => Err(ApiError::not_found()),
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        match self.api.route(request).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
         }
     }
 }

@@ -225,22 +225,44 @@ impl Listeners {
                     (None, None) => BindAddr::Unix(PathBuf::from(format!("(fd {fd})"))),
                 },
                 Err(source) => {
-                    return Some(Err(ListenError::Bind { addr: BindAddr::Unix(format!("(systemd fd {fd})").into()), source }))
+                    return Some(Err(ListenError::Bind {
+                        addr: BindAddr::Unix(format!("(systemd fd {fd})").into()),
+                        source,
+                    }))
                 }
             };
-            all.push(Listener { addr: local.clone(), local, socket, listening: true, owns_path: false });
+            all.push(Listener {
+                addr: local.clone(),
+                local,
+                socket,
+                listening: true,
+                owns_path: false,
+            });
         }
-        Some(Ok(Listeners { all, activated: true }))
+        Some(Ok(Listeners {
+            all,
+            activated: true,
+        }))
     }
 
     /// Binds every address of `config`, reusing (duplicating) sockets from `current` for
     /// addresses that did not change, so a reload never closes a port it keeps serving.
     pub fn open(config: &Config, current: Option<&Listeners>) -> Result<Listeners, ListenError> {
         if let Some(current) = current.filter(|c| c.activated) {
-            let all = current.all.iter().map(Listener::try_clone).collect::<io::Result<Vec<_>>>();
+            let all = current
+                .all
+                .iter()
+                .map(Listener::try_clone)
+                .collect::<io::Result<Vec<_>>>();
             return all
-                .map(|all| Listeners { all, activated: true })
-                .map_err(|source| ListenError::Bind { addr: current.all[0].addr.clone(), source });
+                .map(|all| Listeners {
+                    all,
+                    activated: true,
+                })
+                .map_err(|source| ListenError::Bind {
+                    addr: current.all[0].addr.clone(),
+                    source,
+                });
         }
         let mut all = Vec::with_capacity(config.bind.len());
         for addr in &config.bind {
@@ -260,7 +282,10 @@ impl Listeners {
             };
             all.push(listener);
         }
-        Ok(Listeners { all, activated: false })
+        Ok(Listeners {
+            all,
+            activated: false,
+        })
     }
 
     /// Moves unix-path ownership from `old` to `self` for every path both have, so dropping `old`

@@ -35,10 +35,10 @@ use crate::config::{self, Config, ConfigSource, MAX_WORKERS};
 use crate::scoreboard::{monotonic_ms, Scoreboard, ScoreboardError, SlotState};
 use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 pub use listeners::{ListenError, Listeners};
+use notify::Notifier;
 pub use pidfile::{Pidfile, PidfileError};
 use policy::{Action, Phase};
 use signals::{SignalError, SignalQueue};
-use notify::Notifier;
 use spawn::{spawn_worker, Spawn};
 
 /// How long the loop sleeps when nothing happens. Signals wake it at once.
@@ -189,7 +189,9 @@ impl Arbiter {
         let pidfile = config.pidfile.as_deref().map(Pidfile::create).transpose()?;
         let listeners = match Listeners::from_systemd() {
             Some(activated) => {
-                log::info!("Using sockets passed by systemd (socket activation); `bind` is ignored");
+                log::info!(
+                    "Using sockets passed by systemd (socket activation); `bind` is ignored"
+                );
                 activated?
             }
             None => Listeners::open(&config, None)?,
@@ -229,7 +231,10 @@ impl Arbiter {
     pub fn run_loop(&mut self) -> Result<(), MasterError> {
         self.manage_workers(); // the first generation, without waiting for the first tick
         loop {
-            let tick = self.notify.max_sleep().map_or(LOOP_TICK, |d| d.min(LOOP_TICK));
+            let tick = self
+                .notify
+                .max_sleep()
+                .map_or(LOOP_TICK, |d| d.min(LOOP_TICK));
             for signal in self.signals.wait(tick) {
                 self.dispatch(signal);
             }
@@ -652,7 +657,11 @@ impl Arbiter {
 
     /// One line for `systemctl status`.
     fn status_line(&self) -> String {
-        let serving = self.workers.values().filter(|w| w.generation == self.generation && w.booted).count();
+        let serving = self
+            .workers
+            .values()
+            .filter(|w| w.generation == self.generation && w.booted)
+            .count();
         format!(
             "{serving} workers serving, generation {}, last reload: {}",
             self.generation, self.last_reload

@@ -40,7 +40,11 @@ impl Notifier {
             .and_then(|us| us.parse::<u64>().ok())
             .filter(|us| *us > 0 && watchdog_pid_ok)
             .map(|us| Duration::from_micros(us / 2));
-        Notifier { socket, watchdog_every, last_watchdog: Instant::now() }
+        Notifier {
+            socket,
+            watchdog_every,
+            last_watchdog: Instant::now(),
+        }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -65,7 +69,10 @@ impl Notifier {
     }
 
     pub fn reloading(&self) {
-        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading", monotonic_usec()));
+        self.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
+            monotonic_usec()
+        ));
     }
 
     pub fn stopping(&self) {
@@ -92,7 +99,8 @@ impl Notifier {
 
     /// How long the loop may sleep without missing a watchdog deadline.
     pub fn max_sleep(&self) -> Option<Duration> {
-        self.watchdog_every.map(|every| every.saturating_sub(self.last_watchdog.elapsed()))
+        self.watchdog_every
+            .map(|every| every.saturating_sub(self.last_watchdog.elapsed()))
     }
 }
 

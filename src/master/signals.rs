@@ -162,6 +162,14 @@ mod tests {
         PENDING[index(Signal::SIGHUP)].fetch_add(1, Ordering::SeqCst);
         PENDING[index(Signal::SIGTERM)].fetch_add(1, Ordering::SeqCst);
         let got = take_pending();
-        assert_eq!(got, vec![Signal::SIGTERM, Signal::SIGHUP, Signal::SIGTTOU, Signal::SIGTTOU]);
+        assert_eq!(
+            got,
+            vec![
+                Signal::SIGTERM,
+                Signal::SIGHUP,
+                Signal::SIGTTOU,
+                Signal::SIGTTOU
+            ]
+        );
     }
 }

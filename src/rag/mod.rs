@@ -6,10 +6,14 @@
 //! - [`ingest`]: loading files (Markdown, text, HTML, PDF) and splitting them into chunks.
 //! - [`store`]: `enum Store { Embedded, Qdrant }`, one behaviour, one test suite.
 //! - [`llm`]: embeddings and streaming generation over Ollama's and OpenAI's wire protocols.
+//! - [`answer`]: rank fusion, the prompt, the extractive fallback (pure functions).
+//! - [`engine`]: [`engine::Rag`], the pipeline tying them together for one process.
 //!
 //! Everything here is built inside a worker, after fork: connections, clients and runtimes
 //! are never inherited.
 
+pub mod answer;
+pub mod engine;
 pub mod ingest;
 pub mod llm;
 pub mod store;
@@ -91,5 +95,8 @@ pub fn document_id(source: &str) -> String {
 /// Hex SHA-256 of a text.
 pub fn content_hash(text: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -32,7 +32,10 @@ pub struct Stems {
 
 impl Default for Stems {
     fn default() -> Self {
-        Stems { english: Stemmer::create(Algorithm::English), russian: Stemmer::create(Algorithm::Russian) }
+        Stems {
+            english: Stemmer::create(Algorithm::English),
+            russian: Stemmer::create(Algorithm::Russian),
+        }
     }
 }
 
@@ -96,14 +99,50 @@ pub fn detect_language(text: &str) -> Language {
 /// Very common words that carry no meaning for retrieval.
 pub fn is_stop_word(lower: &str) -> bool {
     const EN: &[&str] = &[
-        "a", "an", "the", "is", "are", "was", "were", "be", "to", "of", "in", "on", "for", "and", "or",
-        "how", "what", "do", "does", "i", "you", "it", "this", "that", "with", "can", "my", "me", "by",
-        "at", "as", "from", "which", "who", "why", "when", "where",
+        "a", "an", "the", "is", "are", "was", "were", "be", "to", "of", "in", "on", "for", "and",
+        "or", "how", "what", "do", "does", "i", "you", "it", "this", "that", "with", "can", "my",
+        "me", "by", "at", "as", "from", "which", "who", "why", "when", "where",
     ];
     const RU: &[&str] = &[
-        "и", "в", "во", "на", "с", "со", "к", "по", "о", "об", "из", "у", "за", "от", "до", "не", "ли",
-        "как", "что", "это", "мне", "я", "ты", "вы", "он", "она", "они", "а", "но", "же", "для", "так",
-        "где", "когда", "почему", "какой", "какие", "можно", "ли",
+        "и",
+        "в",
+        "во",
+        "на",
+        "с",
+        "со",
+        "к",
+        "по",
+        "о",
+        "об",
+        "из",
+        "у",
+        "за",
+        "от",
+        "до",
+        "не",
+        "ли",
+        "как",
+        "что",
+        "это",
+        "мне",
+        "я",
+        "ты",
+        "вы",
+        "он",
+        "она",
+        "они",
+        "а",
+        "но",
+        "же",
+        "для",
+        "так",
+        "где",
+        "когда",
+        "почему",
+        "какой",
+        "какие",
+        "можно",
+        "ли",
     ];
     EN.contains(&lower) || RU.contains(&lower)
 }
@@ -130,8 +169,14 @@ mod tests {
     #[test]
     fn query_stems_drop_stop_words_and_duplicates() {
         let s = Stems::default();
-        assert_eq!(s.query_stems("How do I reload the workers? reload!"), vec![s.stem("reload"), s.stem("workers")]);
-        assert_eq!(s.query_stems("как перезагрузить воркеры"), vec![s.stem("перезагрузить"), s.stem("воркеры")]);
+        assert_eq!(
+            s.query_stems("How do I reload the workers? reload!"),
+            vec![s.stem("reload"), s.stem("workers")]
+        );
+        assert_eq!(
+            s.query_stems("как перезагрузить воркеры"),
+            vec![s.stem("перезагрузить"), s.stem("воркеры")]
+        );
     }
 
     #[test]
@@ -143,8 +188,14 @@ mod tests {
 
     #[test]
     fn language_detection() {
-        assert_eq!(detect_language("как перезагрузить воркеры?"), Language::Russian);
-        assert_eq!(detect_language("how do I reload the workers?"), Language::English);
+        assert_eq!(
+            detect_language("как перезагрузить воркеры?"),
+            Language::Russian
+        );
+        assert_eq!(
+            detect_language("how do I reload the workers?"),
+            Language::English
+        );
         assert_eq!(detect_language("что такое HUP?"), Language::Russian);
     }
 }

@@ -72,7 +72,7 @@ pub fn run(boot: WorkerBoot) -> i32 {
                 }
             }
         }
-        let app = match App::load(&boot.config) {
+        let app = match App::load(&boot.config).await {
             Ok(app) => app,
             Err(e) => return fail(EXIT_APP_LOAD_ERROR, e.to_string()),
         };
@@ -85,6 +85,10 @@ pub fn run(boot: WorkerBoot) -> i32 {
                 )
             }
         };
+        tokio::task::spawn_local({
+            let (rag, config) = (std::rc::Rc::clone(app.rag()), Arc::clone(&boot.config));
+            async move { rag.ingest_docs_on_first_run(&config).await }
+        });
         let shared = server::Shared::new(Arc::clone(&boot.config), slot, app, access_log);
         tokio::task::spawn_local(heartbeat::run(
             slot,

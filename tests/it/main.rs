@@ -5,7 +5,9 @@ mod support;
 mod cli;
 mod lifecycle;
 mod limits;
+mod llm;
 mod ops;
+mod rag;
 mod reload;
 
 /// A workers.toml for tests: loopback, kernel-chosen port, the given extra lines.

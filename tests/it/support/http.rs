@@ -61,6 +61,88 @@ pub fn read_response(stream: &mut impl Read) -> io::Result<Response> {
     parse(&raw)
 }
 
+/// `POST path` with a body and content type on a fresh connection; extra headers as `Name: value`.
+pub fn post(
+    addr: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    headers: &[&str],
+) -> io::Result<Response> {
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut raw = head.into_bytes();
+    raw.extend_from_slice(body);
+    send_raw(addr, &raw)
+}
+
+pub fn post_json(addr: &str, path: &str, json: &serde_json::Value) -> io::Result<Response> {
+    post(
+        addr,
+        path,
+        "application/json",
+        json.to_string().as_bytes(),
+        &[],
+    )
+}
+
+/// `DELETE path` with extra headers.
+pub fn delete(addr: &str, path: &str, headers: &[&str]) -> io::Result<Response> {
+    let mut head = format!("DELETE {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    send_raw(addr, head.as_bytes())
+}
+
+/// Server-sent events of a response body: (event name, JSON data) in order.
+pub fn sse_events(body: &str) -> Vec<(String, serde_json::Value)> {
+    body.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (
+                name,
+                serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+            )
+        })
+        .collect()
+}
+
+/// Undoes `Transfer-Encoding: chunked`.
+fn dechunk(body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
 pub fn parse(raw: &[u8]) -> io::Result<Response> {
     let bad = |what: &str| {
         io::Error::new(
@@ -68,10 +150,11 @@ pub fn parse(raw: &[u8]) -> io::Result<Response> {
             format!("{what}: {:?}", String::from_utf8_lossy(raw)),
         )
     };
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| bad("no end of head"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or_else(|| bad("empty response"))?;
     let status = status_line
@@ -79,13 +162,22 @@ pub fn parse(raw: &[u8]) -> io::Result<Response> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("bad status line"))?;
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
         .collect();
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = &raw[split + 4..];
+    let body = if chunked {
+        dechunk(body).ok_or_else(|| bad("truncated chunked body"))?
+    } else {
+        body.to_vec()
+    };
     Ok(Response {
         status,
         headers,
-        body: body.to_string(),
+        body: String::from_utf8_lossy(&body).into_owned(),
     })
 }

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod fake_ollama;
 pub mod http;
+pub mod llama;
 pub mod load;
 
 use std::io::{BufRead, BufReader};
@@ -93,7 +95,13 @@ impl ServerProcess {
 
     /// Starts without waiting for readiness (for boot-failure tests).
     pub fn spawn(config: &str, extra_args: &[&str]) -> ServerProcess {
-        ServerProcess::launch(config, Launch { extra_args, ..Launch::default() })
+        ServerProcess::launch(
+            config,
+            Launch {
+                extra_args,
+                ..Launch::default()
+            },
+        )
     }
 
     /// Starts with a wrapper command (e.g. `systemd-socket-activate -l ADDR`) and extra env.

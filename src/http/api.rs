@@ -1,0 +1,390 @@
+//! The app's routes: the chat page, `/health`, `/api/ask`, `/api/ask/stream`, `/api/documents`.
+//!
+//! Input is checked here and every failure is an [`ApiError`] (400/401/403/404/405/413/415/422),
+//! so a bad request gets a clear JSON error, never a crash or a hang.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::sse::EventBody;
+use super::{full, json, ApiError, Body};
+use crate::config::MAX_TOP_K;
+use crate::rag::engine::{Answer, Event, Mode, Rag, Timings};
+use crate::rag::ingest::{self, IngestError};
+use crate::rag::UpsertOutcome;
+
+/// The chat page, embedded in the binary: no build step, no CDN.
+const INDEX_HTML: &str = include_str!("../../assets/index.html");
+/// Events buffered between the pipeline and a slow client.
+const EVENT_BUFFER: usize = 64;
+
+pub struct Api {
+    pub rag: Rc<Rag>,
+    pub admin_token: Option<String>,
+    pub max_body: u64,
+}
+
+impl Api {
+    pub async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let path = request.uri().path().to_string();
+        let method = request.method().clone();
+        match (method, path.as_str()) {
+            (Method::GET | Method::HEAD, "/") => Ok(page()),
+            (Method::GET | Method::HEAD, "/health") => Ok(self.health().await),
+            (Method::POST, "/api/ask") => self.ask(request).await,
+            (Method::POST, "/api/ask/stream") => self.ask_stream(request).await,
+            (Method::GET, "/api/documents") => self.list_documents().await,
+            (Method::POST, "/api/documents") => self.upload(request).await,
+            (Method::DELETE, p) if p.starts_with("/api/documents/") => {
+                self.delete_document(&request, &p["/api/documents/".len()..])
+                    .await
+            }
+            (_, "/" | "/health" | "/api/ask" | "/api/ask/stream" | "/api/documents") => {
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method not allowed for this path",
+                ))
+            }
+            _ => Err(ApiError::not_found()),
+        }
+    }
+
+    async fn health(&self) -> Response<Body> {
+        let health = self.rag.health().await;
+        let mut down = Vec::new();
+        if health.store.status != "ok" {
+            down.push("store");
+        }
+        if health.llm.status != "ok" {
+            down.push("llm");
+        }
+        let status = if down.is_empty() { "ok" } else { "degraded" };
+        let code = if health.store.status == "ok" {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json(
+            code,
+            &json!({
+                "status": status,
+                "degraded": down,
+                "pid": std::process::id(),
+                "store": { "backend": health.store_backend, "status": health.store.status,
+                           "detail": health.store.detail, "documents": health.stats.map(|s| s.documents),
+                           "chunks": health.stats.map(|s| s.chunks) },
+                "llm": health.llm,
+                "embed": health.embed,
+            }),
+        )
+    }
+
+    async fn ask(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let (question, top_k) = self.read_question(request).await?;
+        let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
+        let rag = Rc::clone(&self.rag);
+        tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
+        let mut answer = Answer {
+            answer: String::new(),
+            mode: Mode::Extractive,
+            sources: Vec::new(),
+            timings: Timings::default(),
+        };
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Sources(sources) => answer.sources = sources,
+                Event::Token(text) => answer.answer.push_str(&text),
+                Event::Done { mode, timings } => {
+                    answer.mode = mode;
+                    answer.timings = timings;
+                }
+                Event::Error(message) => {
+                    return Err(ApiError::new(StatusCode::BAD_GATEWAY, message))
+                }
+            }
+        }
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::to_value(&answer).unwrap_or(Value::Null),
+        ))
+    }
+
+    async fn ask_stream(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let (question, top_k) = self.read_question(request).await?;
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let rag = Rc::clone(&self.rag);
+        tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
+        let mut response = Response::new(Box::pin(EventBody::new(rx)) as Body);
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        // nginx: pass tokens through as they come.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        Ok(response)
+    }
+
+    /// `{question, top_k?}` as JSON; every way it can be wrong has its status.
+    async fn read_question(&self, request: Request<Incoming>) -> Result<(String, usize), ApiError> {
+        require_json(&request)?;
+        let body = read_body(request, self.max_body).await?;
+        let value: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+        let question = value
+            .get("question")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "`question` must be a string",
+                )
+            })?
+            .trim()
+            .to_string();
+        if question.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "`question` is empty",
+            ));
+        }
+        let chars = question.chars().count();
+        let limit = self.rag.max_question_chars();
+        if chars > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("`question` is {chars} characters; the limit is {limit}"),
+            ));
+        }
+        let top_k = match value.get("top_k") {
+            None | Some(Value::Null) => self.rag.default_top_k(),
+            Some(v) => v
+                .as_u64()
+                .filter(|k| (1..=MAX_TOP_K as u64).contains(k))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("`top_k` must be an integer from 1 to {MAX_TOP_K}"),
+                    )
+                })? as usize,
+        };
+        Ok((question, top_k))
+    }
+
+    async fn list_documents(&self) -> Result<Response<Body>, ApiError> {
+        let documents = self
+            .rag
+            .store()
+            .list_documents()
+            .await
+            .map_err(store_unavailable)?;
+        Ok(json(StatusCode::OK, &json!({ "documents": documents })))
+    }
+
+    async fn upload(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        self.authorize(&request)?;
+        let content_type = header(&request, CONTENT_TYPE).unwrap_or_default();
+        let mut documents = Vec::new();
+        if content_type.starts_with("application/json") {
+            let body = read_body(request, self.max_body).await?;
+            let value: Value = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}"))
+            })?;
+            let field = |name: &str| {
+                value
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (title, text) = (field("title"), field("text"));
+            if title.is_empty() || text.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "`title` and `text` must be non-empty strings",
+                ));
+            }
+            documents.push(ingest::from_text(&title, &text).map_err(ingest_error)?);
+        } else if content_type.starts_with("multipart/form-data") {
+            let boundary = multer::parse_boundary(&content_type).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}"))
+            })?;
+            let body = read_body(request, self.max_body).await?;
+            let stream =
+                futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+            let mut multipart = multer::Multipart::new(stream, boundary);
+            while let Some(field) = multipart.next_field().await.map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}"))
+            })? {
+                let Some(name) = field.file_name().map(str::to_string) else {
+                    continue;
+                };
+                let field_type = field.content_type().map(|m| m.to_string());
+                let bytes = field.bytes().await.map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}"))
+                })?;
+                // Parsing (PDF above all) is CPU work: keep it off the event loop.
+                let loaded = tokio::task::spawn_blocking(move || {
+                    ingest::load_bytes(&name, &bytes, field_type.as_deref())
+                })
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "the document could not be parsed",
+                    )
+                })?;
+                documents.push(loaded.map_err(ingest_error)?);
+            }
+            if documents.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "no file in the multipart body",
+                ));
+            }
+        } else {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send application/json {\"title\", \"text\"} or multipart/form-data with files",
+            ));
+        }
+        let mut results = Vec::new();
+        for document in documents {
+            let title = document.title.clone();
+            let outcome = self.rag.ingest(document).await.map_err(|e| {
+                log::error!("ingest failed: {e}");
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            })?;
+            let (id, what) = match &outcome {
+                UpsertOutcome::Inserted(id) => (id, "inserted"),
+                UpsertOutcome::Replaced(id) => (id, "replaced"),
+                UpsertOutcome::Unchanged(id) => (id, "unchanged"),
+            };
+            results.push(json!({ "id": id, "title": title, "outcome": what }));
+        }
+        Ok(json(StatusCode::CREATED, &json!({ "documents": results })))
+    }
+
+    async fn delete_document(
+        &self,
+        request: &Request<Incoming>,
+        id: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        self.authorize(request)?;
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "no such document"));
+        }
+        match self
+            .rag
+            .store()
+            .delete_document(id)
+            .await
+            .map_err(store_unavailable)?
+        {
+            true => Ok(json(StatusCode::OK, &json!({ "deleted": id }))),
+            false => Err(ApiError::new(StatusCode::NOT_FOUND, "no such document")),
+        }
+    }
+
+    fn authorize(&self, request: &Request<Incoming>) -> Result<(), ApiError> {
+        let Some(expected) = &self.admin_token else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "document changes over HTTP are disabled: set admin_token in workers.toml and send \
+                 'Authorization: Bearer <token>' (or use `ragpool ingest` on the server)",
+            ));
+        };
+        let given = header(request, AUTHORIZATION).unwrap_or_default();
+        let token = given.strip_prefix("Bearer ").unwrap_or_default().trim();
+        if constant_time_eq(token.as_bytes(), expected.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token",
+            ))
+        }
+    }
+}
+
+fn page() -> Response<Body> {
+    let mut response = Response::new(full(INDEX_HTML));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+fn header(request: &Request<Incoming>, name: hyper::header::HeaderName) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn require_json(request: &Request<Incoming>) -> Result<(), ApiError> {
+    let content_type = header(request, CONTENT_TYPE).unwrap_or_default();
+    if content_type
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the question as application/json",
+        ))
+    }
+}
+
+/// The whole body, or 413 past `limit` (declared lengths were checked before routing).
+async fn read_body(request: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
+    Limited::new(request.into_body(), limit as usize)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body exceeds max_body_size ({limit} bytes)"),
+                )
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "could not read the request body")
+            }
+        })
+}
+
+fn ingest_error(e: IngestError) -> ApiError {
+    let status = match e {
+        IngestError::Unsupported { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+fn store_unavailable(e: crate::rag::store::StoreError) -> ApiError {
+    log::error!("store error: {e}");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the document store is unavailable",
+    )
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

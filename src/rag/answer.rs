@@ -1,0 +1,228 @@
+//! Pure answer-building: fusing result lists, the prompt, and the extractive fallback.
+//! No I/O here, so every rule is unit-tested directly.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use super::text::{words, Language, Stems};
+use super::Hit;
+
+/// Reciprocal rank fusion's damping constant (Cormack et al. use 60).
+const RRF_K: f32 = 60.0;
+
+/// Merges ranked lists by reciprocal rank fusion; a passage found by both rises to the top.
+pub fn fuse(lists: &[Vec<Hit>], k: usize) -> Vec<Hit> {
+    let mut fused: HashMap<(String, usize), Hit> = HashMap::new();
+    for list in lists {
+        for (rank, hit) in list.iter().enumerate() {
+            let add = 1.0 / (RRF_K + rank as f32 + 1.0);
+            fused
+                .entry((hit.document_id.clone(), hit.position))
+                .and_modify(|h| h.score += add)
+                .or_insert_with(|| Hit {
+                    score: add,
+                    ..hit.clone()
+                });
+        }
+    }
+    let mut hits: Vec<Hit> = fused.into_values().collect();
+    hits.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then(a.position.cmp(&b.position))
+    });
+    hits.truncate(k);
+    hits
+}
+
+/// The system prompt: answer from the numbered passages only, cite them, in the question's language.
+pub fn system_prompt(language: Language) -> String {
+    let language = match language {
+        Language::Russian => "Russian",
+        Language::English => "English",
+    };
+    format!(
+        "You answer questions for the colleagues of an organisation using only the numbered passages \
+         from its documents. Cite the passages you use as [n]. If the passages do not contain the \
+         answer, say so briefly instead of guessing. Answer in {language}, concisely."
+    )
+}
+
+/// The user message: numbered passages, then the question.
+pub fn user_prompt(question: &str, hits: &[Hit]) -> String {
+    let mut out = String::from("Passages:\n");
+    for (i, hit) in hits.iter().enumerate() {
+        let _ = writeln!(out, "[{}] ({}) {}", i + 1, hit.title, hit.text.trim());
+    }
+    let _ = write!(out, "\nQuestion: {}", question.trim());
+    out
+}
+
+/// Why there is no generated answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtractiveReason {
+    /// No language model is configured.
+    NoLlm,
+    /// The language model could not be reached or failed.
+    LlmDown,
+}
+
+/// An answer made of the best passages' best sentences, matched words in **bold**, labelled.
+pub fn extractive_answer(
+    question: &str,
+    hits: &[Hit],
+    stems: &Stems,
+    why: ExtractiveReason,
+    language: Language,
+) -> String {
+    let query: Vec<String> = stems.query_stems(question);
+    let mut out = String::new();
+    let label = match (language, why) {
+        (Language::Russian, ExtractiveReason::NoLlm) => {
+            "Языковая модель не настроена, поэтому вот самые подходящие фрагменты документов:"
+        }
+        (Language::Russian, ExtractiveReason::LlmDown) => {
+            "Языковая модель сейчас недоступна, поэтому вот самые подходящие фрагменты документов:"
+        }
+        (Language::English, ExtractiveReason::NoLlm) => {
+            "No language model is configured, so here are the most relevant passages:"
+        }
+        (Language::English, ExtractiveReason::LlmDown) => {
+            "The language model is unavailable right now, so here are the most relevant passages:"
+        }
+    };
+    out.push_str(label);
+    out.push('\n');
+    if hits.is_empty() {
+        out.push_str(match language {
+            Language::Russian => "\nНичего подходящего в документах не нашлось.",
+            Language::English => "\nNothing in the documents matches the question.",
+        });
+        return out;
+    }
+    for (i, hit) in hits.iter().take(3).enumerate() {
+        let excerpt = best_excerpt(&hit.text, &query, stems, 320);
+        let _ = write!(
+            out,
+            "\n[{}] {}\n",
+            i + 1,
+            highlight(&excerpt, &query, stems)
+        );
+    }
+    out
+}
+
+/// The sentence run (up to `max_chars`) with the most query stems.
+fn best_excerpt(text: &str, query: &[String], stems: &Stems, max_chars: usize) -> String {
+    let sentences: Vec<&str> = text
+        .split_inclusive(['.', '!', '?', '\n'])
+        // Markdown heading markers and list bullets are layout, not words.
+        .map(|s| s.trim().trim_start_matches(['#', '-', '*', '>']).trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let score = |s: &str| {
+        words(s)
+            .filter(|(_, w)| query.contains(&stems.stem(w)))
+            .count()
+    };
+    let best = (0..sentences.len())
+        .max_by_key(|&i| (score(sentences[i]), usize::MAX - i))
+        .unwrap_or(0);
+    let mut excerpt = String::new();
+    for sentence in sentences.iter().skip(best) {
+        if !excerpt.is_empty() && excerpt.chars().count() + sentence.chars().count() > max_chars {
+            break;
+        }
+        if !excerpt.is_empty() {
+            excerpt.push(' ');
+        }
+        excerpt.push_str(sentence);
+    }
+    if excerpt.chars().count() > max_chars {
+        excerpt = excerpt.chars().take(max_chars).collect::<String>() + "…";
+    }
+    excerpt
+}
+
+/// Wraps every word whose stem is in the query in `**`.
+pub fn highlight(text: &str, query: &[String], stems: &Stems) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut last = 0;
+    for (start, word) in words(text) {
+        if query.contains(&stems.stem(word)) {
+            out.push_str(&text[last..start]);
+            out.push_str("**");
+            out.push_str(word);
+            out.push_str("**");
+            last = start + word.len();
+        }
+    }
+    out.push_str(&text[last..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(doc: &str, position: usize, text: &str) -> Hit {
+        Hit {
+            document_id: doc.into(),
+            title: format!("Title {doc}"),
+            source: format!("{doc}.md"),
+            position,
+            text: text.into(),
+            score: 1.0,
+        }
+    }
+
+    #[test]
+    fn fusion_prefers_passages_both_lists_found() {
+        let lexical = vec![hit("a", 0, "x"), hit("b", 0, "y"), hit("c", 0, "z")];
+        let dense = vec![hit("c", 0, "z"), hit("d", 0, "w")];
+        let fused = fuse(&[lexical, dense], 3);
+        assert_eq!(fused[0].document_id, "c");
+        assert_eq!(fused.len(), 3);
+    }
+
+    #[test]
+    fn prompt_numbers_passages_and_names_the_language() {
+        let hits = vec![
+            hit("a", 0, "Send HUP to reload."),
+            hit("b", 1, "TERM stops."),
+        ];
+        let user = user_prompt("How do I reload?", &hits);
+        assert!(user.contains("[1] (Title a) Send HUP to reload."));
+        assert!(user.contains("[2] (Title b) TERM stops."));
+        assert!(user.ends_with("Question: How do I reload?"));
+        assert!(system_prompt(Language::Russian).contains("Answer in Russian"));
+    }
+
+    #[test]
+    fn extractive_answer_highlights_word_forms_and_is_labelled() {
+        let stems = Stems::default();
+        let hits = vec![hit(
+            "a",
+            0,
+            "Вступление. Чтобы перезагрузить воркеры, отправьте мастеру сигнал HUP. Прочее.",
+        )];
+        let answer = extractive_answer(
+            "как перезагрузить воркер?",
+            &hits,
+            &stems,
+            ExtractiveReason::LlmDown,
+            Language::Russian,
+        );
+        assert!(
+            answer.starts_with("Языковая модель сейчас недоступна"),
+            "{answer}"
+        );
+        assert!(answer.contains("**перезагрузить** **воркеры**"), "{answer}");
+        assert!(
+            answer.contains("[1] Чтобы"),
+            "best sentence first: {answer}"
+        );
+        let none = extractive_answer("q", &[], &stems, ExtractiveReason::NoLlm, Language::English);
+        assert!(none.contains("Nothing in the documents matches"));
+    }
+}

@@ -1,0 +1,558 @@
+//! One process's RAG pipeline: ingest (chunk, embed, store) and ask (retrieve, fuse, generate
+//! or extract), streamed as [`Event`]s so the HTTP layer can send them as they happen.
+//!
+//! Built after fork inside a worker (or in the `ragpool ingest` CLI). Degrades instead of
+//! failing: no embedding model -> lexical retrieval; no LLM, or an unreachable one ->
+//! an extractive answer, labelled as such.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::answer::{self, ExtractiveReason};
+use super::ingest::{self, IngestError, LoadedDocument};
+use super::llm::{ChatMessage, Embedder, Generator, LlmError, Role};
+use super::store::{Store, StoreError};
+use super::text::{detect_language, Stems};
+use super::{content_hash, document_id, Hit, NewChunk, NewDocument, StoreStats, UpsertOutcome};
+use crate::config::{Config, Provider, MAX_TOP_K};
+
+/// How long a reachability probe of the LLM is trusted, so `/health` does not hit Ollama per call.
+const LLM_STATUS_TTL: Duration = Duration::from_secs(5);
+/// Longest snippet shown with a source.
+const SNIPPET_CHARS: usize = 280;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RagError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("cannot set up the {what} client: {source}")]
+    Client {
+        what: &'static str,
+        #[source]
+        source: LlmError,
+    },
+    #[error("embedding failed: {0}")]
+    Embed(#[source] LlmError),
+    #[error("{0} has no text to index")]
+    Empty(String),
+}
+
+/// A numbered source as the page shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Source {
+    pub n: usize,
+    pub document_id: String,
+    pub title: String,
+    pub source: String,
+    pub position: usize,
+    pub snippet: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Generated,
+    Extractive,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Timings {
+    pub embed_ms: f64,
+    pub retrieve_ms: f64,
+    pub generate_ms: f64,
+    pub first_token_ms: Option<f64>,
+    pub total_ms: f64,
+}
+
+/// What an answer stream says, in order: `Sources`, `Token`*, then `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Sources(Vec<Source>),
+    Token(String),
+    Done { mode: Mode, timings: Timings },
+    Error(String),
+}
+
+/// A complete answer, for `POST /api/ask`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub answer: String,
+    pub mode: Mode,
+    pub sources: Vec<Source>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ComponentHealth {
+    /// "ok", "down" or "none" (not configured).
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub store: ComponentHealth,
+    pub store_backend: &'static str,
+    pub stats: Option<StoreStats>,
+    pub llm: ComponentHealth,
+    pub embed: &'static str,
+}
+
+pub struct Rag {
+    store: Store,
+    embedder: Option<Embedder>,
+    generator: Option<Generator>,
+    stems: Stems,
+    config: crate::config::RagConfig,
+    /// The last LLM probe: when, and whether it answered.
+    llm_probe: RefCell<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Rag {
+    pub async fn open(config: &Config) -> Result<Rag, RagError> {
+        let store = Store::open(&config.store).await?;
+        let embedder = Embedder::new(&config.embed).map_err(|source| RagError::Client {
+            what: "embedding",
+            source,
+        })?;
+        let generator = Generator::new(&config.llm).map_err(|source| RagError::Client {
+            what: "LLM",
+            source,
+        })?;
+        Ok(Rag {
+            store,
+            embedder,
+            generator,
+            stems: Stems::default(),
+            config: config.rag.clone(),
+            llm_probe: RefCell::new(None),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn max_question_chars(&self) -> usize {
+        self.config.max_question_chars
+    }
+
+    pub fn default_top_k(&self) -> usize {
+        self.config.top_k
+    }
+
+    // ----- ingest --------------------------------------------------------------------------
+
+    /// Chunks, embeds and stores one document; an unchanged one costs one hash lookup.
+    pub async fn ingest(&self, doc: LoadedDocument) -> Result<UpsertOutcome, RagError> {
+        let hash = content_hash(&doc.text);
+        if self.store.document_hash(&doc.source).await?.as_deref() == Some(hash.as_str()) {
+            return Ok(UpsertOutcome::Unchanged(document_id(&doc.source)));
+        }
+        // Chunking a large document is CPU work: off the event loop, so the heartbeat keeps beating.
+        let (doc, pieces) = {
+            let config = self.config.clone();
+            tokio::task::spawn_blocking(move || {
+                let pieces = ingest::chunk(&doc, &config);
+                (doc, pieces)
+            })
+            .await
+            .map_err(|_| RagError::Empty("a document that could not be chunked".into()))?
+        };
+        if pieces.is_empty() {
+            return Err(RagError::Empty(doc.source));
+        }
+        let embeddings = match &self.embedder {
+            Some(embedder) => Some(embedder.embed(&pieces).await.map_err(RagError::Embed)?),
+            None => None,
+        };
+        let chunks = pieces
+            .into_iter()
+            .enumerate()
+            .map(|(position, text)| NewChunk {
+                position,
+                text,
+                embedding: embeddings.as_ref().and_then(|e| e.get(position).cloned()),
+            })
+            .collect();
+        let outcome = self
+            .store
+            .upsert_document(NewDocument {
+                source: doc.source,
+                title: doc.title,
+                content_hash: hash,
+                chunks,
+            })
+            .await?;
+        Ok(outcome)
+    }
+
+    // ----- ask -----------------------------------------------------------------------------
+
+    /// Retrieves passages: lexical always, dense too when an embedding model answers; fused.
+    pub async fn retrieve(
+        &self,
+        question: &str,
+        k: usize,
+        timings: &mut Timings,
+    ) -> Result<Vec<Hit>, RagError> {
+        let k = k.clamp(1, MAX_TOP_K);
+        let started = Instant::now();
+        let lexical = self.store.lexical_search(question, k).await?;
+        let mut lists = vec![lexical];
+        if let Some(embedder) = &self.embedder {
+            let embed_started = Instant::now();
+            match embedder.embed(&[question.to_string()]).await {
+                Ok(mut vectors) if !vectors.is_empty() => {
+                    timings.embed_ms = ms(embed_started.elapsed());
+                    let vector = vectors.swap_remove(0);
+                    lists.push(self.store.dense_search(&vector, k).await?);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::warn!("embedding the question failed, using lexical retrieval only: {e}")
+                }
+            }
+        }
+        let hits = if lists.len() == 1 {
+            lists.swap_remove(0)
+        } else {
+            answer::fuse(&lists, k)
+        };
+        timings.retrieve_ms = ms(started.elapsed());
+        Ok(hits)
+    }
+
+    /// Answers a question, sending events into `events`. Stops early (dropping the upstream
+    /// generation) as soon as the receiver goes away.
+    pub async fn ask(&self, question: &str, top_k: usize, events: mpsc::Sender<Event>) {
+        let started = Instant::now();
+        let mut timings = Timings::default();
+        let language = detect_language(question);
+        let hits = match self.retrieve(question, top_k, &mut timings).await {
+            Ok(hits) => hits,
+            Err(e) => {
+                log::error!("retrieval failed: {e}");
+                let _ = events
+                    .send(Event::Error("the document store is unavailable".into()))
+                    .await;
+                return;
+            }
+        };
+        if events
+            .send(Event::Sources(self.sources(&hits)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let generate_started = Instant::now();
+        let mode = match &self.generator {
+            None => {
+                let text = answer::extractive_answer(
+                    question,
+                    &hits,
+                    &self.stems,
+                    ExtractiveReason::NoLlm,
+                    language,
+                );
+                let _ = events.send(Event::Token(text)).await;
+                Mode::Extractive
+            }
+            Some(_) if hits.is_empty() => {
+                let text = answer::extractive_answer(
+                    question,
+                    &hits,
+                    &self.stems,
+                    ExtractiveReason::NoLlm,
+                    language,
+                );
+                // Nothing to ground an answer on: say so without spending an LLM call.
+                let text = text
+                    .lines()
+                    .skip(1)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .trim()
+                    .to_string();
+                let _ = events.send(Event::Token(text)).await;
+                Mode::Extractive
+            }
+            Some(generator) => match self
+                .generate(
+                    generator,
+                    question,
+                    &hits,
+                    &events,
+                    &mut timings,
+                    generate_started,
+                )
+                .await
+            {
+                Generation::Finished => Mode::Generated,
+                Generation::ReceiverGone => return,
+                Generation::FailedMidStream(message) => {
+                    let _ = events.send(Event::Error(message)).await;
+                    return;
+                }
+                Generation::Unavailable(e) => {
+                    log::warn!("LLM unavailable, answering extractively: {e}");
+                    self.note_llm(Err(e.to_string()));
+                    let text = answer::extractive_answer(
+                        question,
+                        &hits,
+                        &self.stems,
+                        ExtractiveReason::LlmDown,
+                        language,
+                    );
+                    let _ = events.send(Event::Token(text)).await;
+                    Mode::Extractive
+                }
+            },
+        };
+        timings.generate_ms = ms(generate_started.elapsed());
+        timings.total_ms = ms(started.elapsed());
+        let _ = events.send(Event::Done { mode, timings }).await;
+    }
+
+    async fn generate(
+        &self,
+        generator: &Generator,
+        question: &str,
+        hits: &[Hit],
+        events: &mpsc::Sender<Event>,
+        timings: &mut Timings,
+        started: Instant,
+    ) -> Generation {
+        let language = detect_language(question);
+        let messages = [
+            ChatMessage {
+                role: Role::System,
+                content: answer::system_prompt(language),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: answer::user_prompt(question, hits),
+            },
+        ];
+        let mut tokens = tokio::select! {
+            stream = generator.stream(&messages) => match stream {
+                Ok(tokens) => tokens,
+                Err(e) => return Generation::Unavailable(e),
+            },
+            _ = events.closed() => return Generation::ReceiverGone,
+        };
+        let mut sent_any = false;
+        loop {
+            let next = tokio::select! {
+                next = tokens.next() => next,
+                // The client went away: dropping `tokens` closes the upstream connection.
+                _ = events.closed() => return Generation::ReceiverGone,
+            };
+            match next {
+                None => return Generation::Finished,
+                Some(Ok(token)) => {
+                    if !sent_any {
+                        timings.first_token_ms = Some(ms(started.elapsed()));
+                        sent_any = true;
+                        self.note_llm(Ok(()));
+                    }
+                    if events.send(Event::Token(token)).await.is_err() {
+                        return Generation::ReceiverGone;
+                    }
+                }
+                Some(Err(e)) if !sent_any => return Generation::Unavailable(e),
+                Some(Err(e)) => {
+                    log::warn!("LLM failed mid-answer: {e}");
+                    return Generation::FailedMidStream(
+                        "the language model stopped in the middle of the answer; please ask again"
+                            .into(),
+                    );
+                }
+            }
+        }
+    }
+
+    fn sources(&self, hits: &[Hit]) -> Vec<Source> {
+        hits.iter()
+            .enumerate()
+            .map(|(i, hit)| Source {
+                n: i + 1,
+                document_id: hit.document_id.clone(),
+                title: hit.title.clone(),
+                source: hit.source.clone(),
+                position: hit.position,
+                snippet: snippet(&hit.text),
+                score: hit.score,
+            })
+            .collect()
+    }
+
+    // ----- health --------------------------------------------------------------------------
+
+    fn note_llm(&self, result: Result<(), String>) {
+        *self.llm_probe.borrow_mut() = Some((Instant::now(), result));
+    }
+
+    pub async fn health(&self) -> Health {
+        let (store, stats) = match self.store.stats().await {
+            Ok(stats) => (
+                ComponentHealth {
+                    status: "ok",
+                    detail: None,
+                },
+                Some(stats),
+            ),
+            Err(e) => (
+                ComponentHealth {
+                    status: "down",
+                    detail: Some(e.to_string()),
+                },
+                None,
+            ),
+        };
+        let llm = match &self.generator {
+            None => ComponentHealth {
+                status: "none",
+                detail: Some("no LLM configured: answers are extractive".into()),
+            },
+            Some(generator) => {
+                let cached = self
+                    .llm_probe
+                    .borrow()
+                    .clone()
+                    .filter(|(at, _)| at.elapsed() < LLM_STATUS_TTL);
+                let result = match cached {
+                    Some((_, result)) => result,
+                    None => {
+                        let result = generator.ping().await.map_err(|e| e.to_string());
+                        self.note_llm(result.clone());
+                        result
+                    }
+                };
+                match result {
+                    Ok(()) => ComponentHealth {
+                        status: "ok",
+                        detail: None,
+                    },
+                    Err(e) => ComponentHealth {
+                        status: "down",
+                        detail: Some(e),
+                    },
+                }
+            }
+        };
+        let embed = match &self.embedder {
+            None => "none",
+            Some(_) => "configured",
+        };
+        Health {
+            store,
+            store_backend: self.store.backend_name(),
+            stats,
+            llm,
+            embed,
+        }
+    }
+}
+
+enum Generation {
+    Finished,
+    ReceiverGone,
+    FailedMidStream(String),
+    Unavailable(LlmError),
+}
+
+fn snippet(text: &str) -> String {
+    let text = text.trim();
+    if text.chars().count() <= SNIPPET_CHARS {
+        return text.to_string();
+    }
+    text.chars().take(SNIPPET_CHARS).collect::<String>() + "…"
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0
+}
+
+/// Whether an LLM is configured at all (for the page's labels).
+pub fn llm_configured(config: &Config) -> bool {
+    config.llm.provider != Provider::None
+}
+
+impl Rag {
+    /// On a fresh install (empty store), ingests the operator's manual from `docs_dir` so the
+    /// first question already has answers. One process does it: the one that takes the lock.
+    pub async fn ingest_docs_on_first_run(&self, config: &Config) {
+        let docs = &self.config.docs_dir;
+        if !self.config.ingest_docs_on_first_run || !docs.is_dir() {
+            return;
+        }
+        if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
+            return;
+        }
+        let Some(_lock) = FirstRunLock::try_take(&config.store.path) else {
+            return;
+        };
+        // Another process may have finished while we waited for nothing: look again.
+        if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
+            return;
+        }
+        let files = match ingest::load_path(docs) {
+            Ok(files) => files,
+            Err(e) => {
+                log::warn!("first run: cannot read {}: {e}", docs.display());
+                return;
+            }
+        };
+        let (mut stored, mut failed) = (0, 0);
+        for file in files {
+            match file {
+                Ok(doc) => match self.ingest(doc).await {
+                    Ok(_) => stored += 1,
+                    Err(e) => {
+                        failed += 1;
+                        log::warn!("first run: {e}");
+                    }
+                },
+                Err(e) => {
+                    failed += 1;
+                    log::warn!("first run: {e}");
+                }
+            }
+        }
+        log::info!(
+            "first run: ingested {stored} documents from {} ({failed} failed)",
+            docs.display()
+        );
+    }
+}
+
+/// An exclusive, non-blocking `flock` on `<data dir>/.first-run.lock`, held (by owning the file)
+/// until dropped.
+struct FirstRunLock(#[allow(dead_code)] std::fs::File);
+
+impl FirstRunLock {
+    fn try_take(dir: &std::path::Path) -> Option<FirstRunLock> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(dir).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".first-run.lock"))
+            .ok()?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        taken.then_some(FirstRunLock(file))
+    }
+}

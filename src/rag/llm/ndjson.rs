@@ -1,0 +1,155 @@
+//! Ollama's streaming chat response (`POST /api/chat`, `"stream": true`): one JSON object per
+//! line, `{"message":{"content":"..."},"done":false}` ... `{"done":true}`, or `{"error":"..."}`.
+//!
+//! Owns decoding only; the socket, timeouts and the URL in errors are `generate`'s.
+
+use super::lines::LineSplitter;
+use super::{ChatEvent, DecodeError};
+
+#[derive(Debug, Default)]
+pub(crate) struct NdjsonDecoder {
+    lines: LineSplitter,
+    /// `"done": true` was seen; later bytes are ignored.
+    done: bool,
+}
+
+impl NdjsonDecoder {
+    /// Decodes the lines completed by `chunk`, appending their events to `out`.
+    pub(crate) fn feed(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<ChatEvent>,
+    ) -> Result<(), DecodeError> {
+        let done = &mut self.done;
+        self.lines
+            .feed(chunk, &mut |line| decode_line(line, done, out))
+    }
+
+    /// End of input: a last line without a newline still counts.
+    pub(crate) fn finish(&mut self, out: &mut Vec<ChatEvent>) -> Result<(), DecodeError> {
+        let done = &mut self.done;
+        self.lines.finish(&mut |line| decode_line(line, done, out))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+fn decode_line(line: &str, done: &mut bool, out: &mut Vec<ChatEvent>) -> Result<(), DecodeError> {
+    if *done || line.trim().is_empty() {
+        return Ok(());
+    }
+    let json: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| DecodeError::Malformed(format!("a stream line that is not JSON ({e})")))?;
+    if json.get("error").is_some_and(|e| !e.is_null()) {
+        let message = super::json_error_message(&json).unwrap_or_default();
+        return Err(DecodeError::Upstream(message));
+    }
+    if let Some(content) = json.pointer("/message/content").and_then(|c| c.as_str()) {
+        if !content.is_empty() {
+            out.push(ChatEvent::Token(content.to_string()));
+        }
+    }
+    if json.get("done").and_then(|d| d.as_bool()).unwrap_or(false) {
+        *done = true;
+        out.push(ChatEvent::Done);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "{\"model\":\"m\",\"message\":{\"role\":\"assistant\",\"content\":\"Привет\"},\"done\":false}\n",
+        "{\"model\":\"m\",\"message\":{\"role\":\"assistant\",\"content\":\", мир\"},\"done\":false}\r\n",
+        "\n",
+        "{\"model\":\"m\",\"message\":{\"role\":\"assistant\",\"content\":\" [1] ✓\"},\"done\":false}\r\n",
+        "{\"model\":\"m\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done_reason\":\"stop\",\"done\":true}\n",
+    );
+
+    fn decode(chunks: &[&[u8]]) -> (Result<Vec<ChatEvent>, DecodeError>, bool) {
+        let mut decoder = NdjsonDecoder::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            if let Err(e) = decoder.feed(chunk, &mut out) {
+                return (Err(e), decoder.is_done());
+            }
+        }
+        let result = decoder.finish(&mut out).map(|()| out);
+        (result, decoder.is_done())
+    }
+
+    fn expected() -> Vec<ChatEvent> {
+        vec![
+            ChatEvent::Token("Привет".into()),
+            ChatEvent::Token(", мир".into()),
+            ChatEvent::Token(" [1] ✓".into()),
+            ChatEvent::Done,
+        ]
+    }
+
+    #[test]
+    fn same_events_at_every_split_point() {
+        let bytes = STREAM.as_bytes();
+        for i in 0..=bytes.len() {
+            for j in (i..=bytes.len()).step_by(7) {
+                let (events, done) = decode(&[&bytes[..i], &bytes[i..j], &bytes[j..]]);
+                assert_eq!(events, Ok(expected()), "split at {i}, {j}");
+                assert!(done);
+            }
+        }
+        let one_byte_each: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(decode(&one_byte_each).0, Ok(expected()));
+    }
+
+    #[test]
+    fn last_line_without_newline_counts() {
+        let (events, done) = decode(&[
+            br#"{"message":{"content":"a"},"done":false}"#,
+            b"\n{\"done\":true}",
+        ]);
+        assert_eq!(
+            events,
+            Ok(vec![ChatEvent::Token("a".into()), ChatEvent::Done])
+        );
+        assert!(done);
+    }
+
+    #[test]
+    fn error_object_mid_stream_is_upstream_error() {
+        let input =
+            b"{\"message\":{\"content\":\"a\"},\"done\":false}\n{\"error\":\"out of memory\"}\n";
+        let mut decoder = NdjsonDecoder::default();
+        let mut out = Vec::new();
+        let err = decoder.feed(input, &mut out).expect_err("error line");
+        assert_eq!(
+            out,
+            vec![ChatEvent::Token("a".into())],
+            "tokens before the error are kept"
+        );
+        assert_eq!(err, DecodeError::Upstream("out of memory".into()));
+    }
+
+    #[test]
+    fn truncated_stream_is_not_done() {
+        let (events, done) = decode(&[b"{\"message\":{\"content\":\"a\"},\"done\":false}\n"]);
+        assert_eq!(events, Ok(vec![ChatEvent::Token("a".into())]));
+        assert!(!done);
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let (events, _) = decode(&[b"<html>502 Bad Gateway</html>\n"]);
+        assert!(matches!(events, Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn bytes_after_done_are_ignored() {
+        let (events, _) = decode(&[b"{\"done\":true}\nnot json\n"]);
+        assert_eq!(events, Ok(vec![ChatEvent::Done]));
+    }
+}

@@ -1,0 +1,825 @@
+//! The embedded store: one SQLite file, `<path>/ragpool.sqlite3`, shared at the same time by
+//! every worker and by the `ragpool ingest` CLI. Owns the schema, the connections of this
+//! process and the SQL; must never hold a connection across fork nor run SQLite on the
+//! event loop.
+//!
+//! # Layout of the file
+//!
+//! - `meta(key, value)`: the embedding dimension and distance metric, once the first embedding
+//!   fixed them.
+//! - `documents(id PK, source UNIQUE, title, content_hash, chunks, updated_at)`.
+//! - `chunks(id INTEGER PRIMARY KEY, document_id, position, text)`: `id` is the rowid of the
+//!   chunk in both indexes below.
+//! - `chunks_fts`: FTS5 over the chunk's Snowball *stems*, **contentless** with
+//!   `contentless_delete=1`. The stems exist nowhere else (`chunks` keeps the original text,
+//!   which is what a hit shows), so an external-content table would need a second, stemmed
+//!   copy of every chunk in `chunks` only for FTS5 to read back; contentless keeps the stems
+//!   once, inside the index. `contentless_delete=1` (SQLite >= 3.43) lets a replace delete
+//!   index rows by rowid without re-supplying the old stems, so even a change of stemmer can
+//!   never leave stale terms behind.
+//! - `chunks_vec`: a sqlite-vec `vec0` table (exact KNN), created with the first embedding.
+//!   Its dimension and metric go to `meta`; a later embedding of another size is refused.
+//!
+//! # Many processes, one file
+//!
+//! - WAL: readers never block the writer nor each other, and each read sees one committed
+//!   snapshot, so a replace (one transaction) is seen whole or not at all.
+//! - `busy_timeout` (`BUSY_TIMEOUT`, 5 s): a writer waits for another instead of failing.
+//! - Writes are `BEGIN IMMEDIATE`: the write lock is taken up front, so two writers never
+//!   deadlock on a read-to-write upgrade (which `busy_timeout` cannot resolve).
+//! - `synchronous=NORMAL`: never corrupt; the last commits may roll back on power loss.
+//! - A passive checkpoint after every write plus `journal_size_limit` keep the `-wal` bounded
+//!   without ever blocking a reader (autocheckpoint stays on as well).
+//!
+//! # Threads and fork
+//!
+//! Every call runs on tokio's blocking pool with a connection from a small per-process pool,
+//! so a 10-100 ms query never stalls a worker's event loop (and its heartbeat). Connections
+//! are opened lazily by the process that calls; the store remembers the pid that opened it
+//! and refuses to work in another one (a forked child must open its own).
+
+use std::ffi::{c_char, c_int};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{ffi, params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+
+use super::{now_unix, validate_document, StoreError};
+use crate::config::{Distance, StoreConfig};
+use crate::rag::text::Stems;
+use crate::rag::{document_id, DocumentInfo, Hit, NewDocument, StoreStats, UpsertOutcome};
+
+/// The database file inside the configured data directory.
+pub const FILE_NAME: &str = "ragpool.sqlite3";
+/// How long a statement waits for another process's lock before reporting `SQLITE_BUSY`.
+/// Writes are short (one document), so this is far above any legitimate wait.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The `-wal` file is truncated to this size after a checkpoint that emptied it.
+const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+/// Idle connections kept per process; a burst opens more, closed again when returned.
+const MAX_IDLE_CONNECTIONS: usize = 4;
+/// `PRAGMA user_version` of the schema below.
+const SCHEMA_VERSION: i64 = 1;
+/// sqlite-vec's largest `k` (`SQLITE_VEC_VEC0_K_MAX`).
+const VEC_K_MAX: usize = 4096;
+/// Switching a fresh file to WAL needs an exclusive lock and does not go through the busy
+/// handler, so it is retried this many times, [`WAL_SWITCH_BACKOFF`] apart.
+const WAL_SWITCH_ATTEMPTS: u32 = 250;
+const WAL_SWITCH_BACKOFF: Duration = Duration::from_millis(20);
+
+const META_DIMENSIONS: &str = "embedding_dimensions";
+const META_METRIC: &str = "embedding_metric";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS documents (
+    id           TEXT PRIMARY KEY,
+    source       TEXT NOT NULL UNIQUE,
+    title        TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    chunks       INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id          INTEGER PRIMARY KEY,
+    document_id TEXT NOT NULL REFERENCES documents (id),
+    position    INTEGER NOT NULL,
+    text        TEXT NOT NULL,
+    UNIQUE (document_id, position)
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (
+    stems,
+    content = '',
+    contentless_delete = 1,
+    tokenize = 'unicode61 remove_diacritics 0'
+);
+";
+
+/// BM25 over the stems; `bm25()` is lower-is-better, the caller negates it.
+const LEXICAL_SQL: &str = "
+SELECT c.document_id, d.title, d.source, c.position, c.text, bm25(chunks_fts) AS rank
+FROM chunks_fts
+JOIN chunks c ON c.id = chunks_fts.rowid
+JOIN documents d ON d.id = c.document_id
+WHERE chunks_fts MATCH ?1
+ORDER BY rank
+LIMIT ?2";
+
+/// Exact KNN first (materialized, so the planner hands vec0 its `MATCH` and `k` untouched),
+/// then the join for the text.
+const DENSE_SQL: &str = "
+WITH knn AS MATERIALIZED (
+    SELECT rowid, distance FROM chunks_vec WHERE embedding MATCH ?1 AND k = ?2
+)
+SELECT c.document_id, d.title, d.source, c.position, c.text, knn.distance
+FROM knn
+JOIN chunks c ON c.id = knn.rowid
+JOIN documents d ON d.id = c.document_id
+ORDER BY knn.distance";
+
+/// How `chunks_vec` measures distance. vec0 has no dot product: `distance = "dot"` is served
+/// as cosine, which ranks the same for the unit-length vectors embedding models return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    Cosine,
+    L2,
+}
+
+impl Metric {
+    fn from_config(distance: Distance) -> Metric {
+        match distance {
+            Distance::Cosine | Distance::Dot => Metric::Cosine,
+            Distance::Euclid => Metric::L2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::L2 => "l2",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Metric> {
+        match name {
+            "cosine" => Some(Metric::Cosine),
+            "l2" => Some(Metric::L2),
+            _ => None,
+        }
+    }
+
+    /// A vec0 distance as a higher-is-better score: cosine similarity, or negated L2.
+    fn score(self, distance: f64) -> f32 {
+        match self {
+            Metric::Cosine => (1.0 - distance) as f32,
+            Metric::L2 => -distance as f32,
+        }
+    }
+}
+
+/// What `meta` says about `chunks_vec`; absent until the first embedding.
+#[derive(Debug, Clone, Copy)]
+struct VecMeta {
+    dimensions: usize,
+    metric: Metric,
+}
+
+/// The embedded store of one process. Cheap to share by reference; all state is shared with the blocking threads.
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+}
+
+/// What the blocking threads need: the file, the idle connections, the stemmer.
+struct Shared {
+    /// The database file: where connections open, and what errors name.
+    path: PathBuf,
+    /// The process that opened the store; no other may use its connections.
+    pid: u32,
+    /// Idle connections, at most [`MAX_IDLE_CONNECTIONS`]; a call takes one (or opens one)
+    /// and gives it back, so concurrent calls never share a connection.
+    idle: Mutex<Vec<Connection>>,
+    /// Index-time and query-time stems; built once per process.
+    stems: Stems,
+    /// The metric `chunks_vec` gets if this process creates it (from `[store] distance`).
+    metric: Metric,
+}
+
+impl EmbeddedStore {
+    /// Creates the directory, the file and the schema if needed, and switches the file to WAL.
+    /// Safe to call from many processes at once.
+    pub async fn open(config: &StoreConfig) -> Result<EmbeddedStore, StoreError> {
+        register_sqlite_vec()?;
+        let dir = config.path.clone();
+        let path = dir.join(FILE_NAME);
+        let metric = Metric::from_config(config.distance);
+        if config.distance == Distance::Dot {
+            log::debug!("embedded store: distance \"dot\" is served as cosine");
+        }
+        let store = tokio::task::spawn_blocking(move || -> Result<EmbeddedStore, StoreError> {
+            std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+            let mut conn = open_connection(&path)?;
+            switch_to_wal(&conn, &path)?;
+            create_schema(&mut conn, &path)?;
+            let shared = Shared {
+                path,
+                pid: std::process::id(),
+                idle: Mutex::new(vec![conn]),
+                stems: Stems::default(),
+                metric,
+            };
+            shared.warn_on_metric_change();
+            Ok(EmbeddedStore {
+                shared: Arc::new(shared),
+            })
+        })
+        .await
+        .map_err(StoreError::Task)??;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub async fn document_hash(&self, source: &str) -> Result<Option<String>, StoreError> {
+        let source = source.to_owned();
+        self.run(move |shared, conn| {
+            conn.prepare_cached("SELECT content_hash FROM documents WHERE source = ?1")
+                .and_then(|mut stmt| stmt.query_row([&source], |row| row.get(0)).optional())
+                .map_err(shared.sql_error("look up a document"))
+        })
+        .await
+    }
+
+    pub async fn upsert_document(&self, doc: NewDocument) -> Result<UpsertOutcome, StoreError> {
+        self.run(move |shared, conn| shared.upsert_document(conn, doc))
+            .await
+    }
+
+    pub async fn list_documents(&self) -> Result<Vec<DocumentInfo>, StoreError> {
+        self.run(|shared, conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, source, title, content_hash, chunks, updated_at FROM documents ORDER BY source",
+                )
+                .map_err(shared.sql_error("list documents"))?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(DocumentInfo {
+                        id: row.get(0)?,
+                        source: row.get(1)?,
+                        title: row.get(2)?,
+                        content_hash: row.get(3)?,
+                        chunks: row.get::<_, i64>(4)?.max(0) as usize,
+                        updated_at: row.get(5)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(shared.sql_error("list documents"))?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn delete_document(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.run(move |shared, conn| shared.delete_document(conn, &id))
+            .await
+    }
+
+    pub async fn lexical_search(&self, query: &str, k: usize) -> Result<Vec<Hit>, StoreError> {
+        // Stemming a question takes microseconds: no thread hop for a query without terms.
+        let stems = self.shared.stems.query_stems(query);
+        if stems.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fts_query = fts_query(&stems);
+        let limit = i64::try_from(k).unwrap_or(i64::MAX);
+        self.run(move |shared, conn| {
+            let mut stmt = conn
+                .prepare_cached(LEXICAL_SQL)
+                .map_err(shared.sql_error("search the text index"))?;
+            let hits = stmt
+                .query_map(params![fts_query, limit], |row| {
+                    hit_from_row(row, |rank| -rank as f32)
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(shared.sql_error("search the text index"))?;
+            Ok(hits)
+        })
+        .await
+    }
+
+    pub async fn dense_search(&self, vector: &[f32], k: usize) -> Result<Vec<Hit>, StoreError> {
+        let blob = f32_blob(vector);
+        let dimensions = vector.len();
+        let k = k.min(VEC_K_MAX) as i64;
+        self.run(move |shared, conn| {
+            let error = shared.sql_error("search the vector index");
+            let Some(meta) = read_vec_meta(conn).map_err(error)? else {
+                return Ok(Vec::new());
+            };
+            if dimensions != meta.dimensions {
+                return Err(StoreError::DimensionMismatch {
+                    expected: meta.dimensions,
+                    got: dimensions,
+                });
+            }
+            let mut stmt = conn.prepare_cached(DENSE_SQL).map_err(error)?;
+            let hits = stmt
+                .query_map(params![blob, k], |row| {
+                    hit_from_row(row, |distance| meta.metric.score(distance))
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(error)?;
+            Ok(hits)
+        })
+        .await
+    }
+
+    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.run(|shared, conn| {
+            // One statement, one snapshot: the two counts agree with each other.
+            conn.query_row(
+                "SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)",
+                [],
+                |row| {
+                    Ok(StoreStats {
+                        documents: row.get::<_, i64>(0)? as u64,
+                        chunks: row.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .map_err(shared.sql_error("count documents"))
+        })
+        .await
+    }
+
+    /// Takes a connection and reads a table: proves the file is there and readable.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        self.run(|shared, conn| {
+            conn.query_row("SELECT count(*) FROM meta", [], |_| Ok(()))
+                .map_err(shared.sql_error("answer a probe"))
+        })
+        .await
+    }
+
+    /// Runs `f` with a connection of this process on tokio's blocking pool.
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared, &mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = shared.checkout()?;
+            let result = f(&shared, &mut conn);
+            shared.checkin(conn);
+            result
+        })
+        .await
+        .map_err(StoreError::Task)?
+    }
+}
+
+impl Shared {
+    /// An idle connection, or a new one.
+    fn checkout(&self) -> Result<Connection, StoreError> {
+        let pid = std::process::id();
+        if pid != self.pid {
+            return Err(StoreError::ForeignProcess {
+                path: self.path.clone(),
+                opened_in: self.pid,
+                used_in: pid,
+            });
+        }
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => open_connection(&self.path),
+        }
+    }
+
+    /// Keeps a connection for the next call, or closes it when enough are idle.
+    fn checkin(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push(conn);
+        }
+    }
+
+    fn sql_error(
+        &self,
+        action: &'static str,
+    ) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+        move |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            action,
+            source,
+        }
+    }
+
+    /// One transaction: compare hashes, swap the chunks, commit. Readers (WAL snapshots) see
+    /// the old version until the commit and the new one after it; a failure or a crash at any
+    /// point rolls the whole transaction back.
+    fn upsert_document(
+        &self,
+        conn: &mut Connection,
+        doc: NewDocument,
+    ) -> Result<UpsertOutcome, StoreError> {
+        let dimensions = validate_document(&doc)?;
+        let id = document_id(&doc.source);
+        // Stems before the transaction: the write lock is held for SQLite work only.
+        let stems: Vec<String> = doc
+            .chunks
+            .iter()
+            .map(|chunk| self.stems.stem_text(&chunk.text))
+            .collect();
+        let error = self.sql_error("store a document");
+
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error)?;
+        let stored_hash: Option<String> = tx
+            .query_row(
+                "SELECT content_hash FROM documents WHERE id = ?1",
+                [&id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(error)?;
+        if stored_hash.as_deref() == Some(doc.content_hash.as_str()) {
+            // Dropping the transaction rolls it back: nothing was written.
+            return Ok(UpsertOutcome::Unchanged(id));
+        }
+        let vec_meta = match (read_vec_meta(&tx).map_err(error)?, dimensions) {
+            (Some(meta), Some(got)) if meta.dimensions != got => {
+                return Err(StoreError::DimensionMismatch {
+                    expected: meta.dimensions,
+                    got,
+                });
+            }
+            (None, Some(dimensions)) => {
+                Some(create_vec_table(&tx, dimensions, self.metric).map_err(error)?)
+            }
+            (meta, _) => meta,
+        };
+        if stored_hash.is_some() {
+            delete_chunks(&tx, &id, vec_meta.is_some()).map_err(error)?;
+        }
+        tx.execute(
+            "INSERT INTO documents (id, source, title, content_hash, chunks, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (id) DO UPDATE SET
+                 source = excluded.source, title = excluded.title,
+                 content_hash = excluded.content_hash, chunks = excluded.chunks,
+                 updated_at = excluded.updated_at",
+            params![
+                id,
+                doc.source,
+                doc.title,
+                doc.content_hash,
+                doc.chunks.len() as i64,
+                now_unix()
+            ],
+        )
+        .map_err(error)?;
+        insert_chunks(&tx, &id, &doc, &stems, vec_meta.is_some()).map_err(error)?;
+        tx.commit().map_err(error)?;
+        checkpoint(conn, &self.path);
+
+        log::debug!(
+            "embedded store: stored {} ({} chunks)",
+            doc.source,
+            doc.chunks.len()
+        );
+        Ok(match stored_hash {
+            Some(_) => UpsertOutcome::Replaced(id),
+            None => UpsertOutcome::Inserted(id),
+        })
+    }
+
+    fn delete_document(&self, conn: &mut Connection, id: &str) -> Result<bool, StoreError> {
+        let error = self.sql_error("delete a document");
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error)?;
+        let exists = tx
+            .query_row("SELECT 1 FROM documents WHERE id = ?1", [id], |_| Ok(()))
+            .optional()
+            .map_err(error)?
+            .is_some();
+        if !exists {
+            return Ok(false);
+        }
+        let has_vectors = read_vec_meta(&tx).map_err(error)?.is_some();
+        delete_chunks(&tx, id, has_vectors).map_err(error)?;
+        tx.execute("DELETE FROM documents WHERE id = ?1", [id])
+            .map_err(error)?;
+        tx.commit().map_err(error)?;
+        checkpoint(conn, &self.path);
+        Ok(true)
+    }
+
+    /// The metric of an existing `chunks_vec` wins over the config; say so when they differ.
+    fn warn_on_metric_change(&self) {
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(conn) = idle.last() else { return };
+        if let Ok(Some(meta)) = read_vec_meta(conn) {
+            if meta.metric != self.metric {
+                log::warn!(
+                    "embedded store {}: vectors were indexed with the {} metric; keeping it (config asks for {})",
+                    self.path.display(),
+                    meta.metric.name(),
+                    self.metric.name()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A copy inherited across fork: closing it would release the parent's locks and
+            // touch its WAL index. Leak it instead; the process owns nothing here.
+            let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(PoisonError::into_inner));
+            std::mem::forget(idle);
+        }
+    }
+}
+
+/// Registers sqlite-vec as an auto-extension, once per process, before any connection opens:
+/// every connection opened afterwards has `vec0` and the `vec_*` functions.
+fn register_sqlite_vec() -> Result<(), StoreError> {
+    type EntryPoint = unsafe extern "C" fn(
+        *mut ffi::sqlite3,
+        *mut *mut c_char,
+        *const ffi::sqlite3_api_routines,
+    ) -> c_int;
+    static REGISTERED: OnceLock<c_int> = OnceLock::new();
+    let rc = *REGISTERED.get_or_init(|| {
+        // SAFETY: `sqlite3_vec_init` is sqlite-vec's extension entry point, a C function with
+        // exactly the `EntryPoint` signature (the crate declares it as `fn()` only to link it).
+        // sqlite-vec is compiled with SQLITE_CORE against the bundled SQLite we link.
+        unsafe {
+            let entry = std::mem::transmute::<*const (), EntryPoint>(
+                sqlite_vec::sqlite3_vec_init as *const (),
+            );
+            ffi::sqlite3_auto_extension(Some(entry))
+        }
+    });
+    if rc == ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(StoreError::VecExtension(rc))
+    }
+}
+
+/// A connection with this store's per-connection settings.
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let error = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(error)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(error)?;
+    // Both pragmas answer with a row, hence query_row.
+    conn.query_row(
+        &format!("PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}"),
+        [],
+        |_| Ok(()),
+    )
+    .map_err(error)?;
+    Ok(conn)
+}
+
+/// Puts the file in WAL mode (persistent, so only the first process to open it really does).
+fn switch_to_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let error = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut attempt = 0;
+    loop {
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .map_err(error)?;
+        if mode.eq_ignore_ascii_case("wal") {
+            return Ok(());
+        }
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get::<_, String>(0)) {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => {
+                return Err(error(rusqlite::Error::SqliteFailure(
+                    ffi::Error::new(ffi::SQLITE_CANTOPEN),
+                    Some(format!("WAL mode is unavailable (journal mode stays {mode:?}); is it a network filesystem?")),
+                )))
+            }
+            Err(e) if is_busy(&e) && attempt < WAL_SWITCH_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(WAL_SWITCH_BACKOFF);
+            }
+            Err(e) => return Err(error(e)),
+        }
+    }
+}
+
+/// Creates the tables once; later opens only read `user_version` (no write lock, so a worker
+/// booting during a long ingest does not wait for it).
+fn create_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let error = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let read_version =
+        |conn: &Connection| conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0));
+    let version = read_version(conn).map_err(error)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(error)?;
+    // Another process may have won the race while this one waited for the lock.
+    if read_version(&tx).map_err(error)? < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA).map_err(error)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+            .map_err(error)?;
+        log::info!("embedded store: created {}", path.display());
+    }
+    tx.commit().map_err(error)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+fn read_vec_meta(conn: &Connection) -> rusqlite::Result<Option<VecMeta>> {
+    let mut stmt = conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?;
+    let dimensions: Option<i64> = stmt
+        .query_row([META_DIMENSIONS], |row| row.get(0))
+        .optional()?;
+    let Some(dimensions) = dimensions else {
+        return Ok(None);
+    };
+    let metric: Option<String> = stmt.query_row([META_METRIC], |row| row.get(0)).optional()?;
+    // vec0's own default, should the row ever be missing.
+    let metric = metric
+        .as_deref()
+        .and_then(Metric::parse)
+        .unwrap_or(Metric::L2);
+    Ok(Some(VecMeta {
+        dimensions: dimensions.max(0) as usize,
+        metric,
+    }))
+}
+
+/// Creates `chunks_vec` for this dimension and records it, inside the caller's transaction.
+fn create_vec_table(
+    conn: &Connection,
+    dimensions: usize,
+    metric: Metric,
+) -> rusqlite::Result<VecMeta> {
+    conn.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE chunks_vec USING vec0 (embedding float[{dimensions}] distance_metric={})",
+        metric.name()
+    ))?;
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2), (?3, ?4)",
+        params![
+            META_DIMENSIONS,
+            dimensions as i64,
+            META_METRIC,
+            metric.name()
+        ],
+    )?;
+    log::info!(
+        "embedded store: vectors are {dimensions}-dimensional ({} distance)",
+        metric.name()
+    );
+    Ok(VecMeta { dimensions, metric })
+}
+
+/// Removes a document's chunks from `chunks` and both indexes (rowid by rowid, which both
+/// virtual tables resolve as point lookups).
+fn delete_chunks(conn: &Connection, id: &str, has_vectors: bool) -> rusqlite::Result<()> {
+    let rowids: Vec<i64> = conn
+        .prepare_cached("SELECT id FROM chunks WHERE document_id = ?1")?
+        .query_map([id], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut delete_fts = conn.prepare_cached("DELETE FROM chunks_fts WHERE rowid = ?1")?;
+    let mut delete_vec = match has_vectors {
+        true => Some(conn.prepare_cached("DELETE FROM chunks_vec WHERE rowid = ?1")?),
+        false => None,
+    };
+    for rowid in &rowids {
+        delete_fts.execute([rowid])?;
+        if let Some(stmt) = delete_vec.as_mut() {
+            stmt.execute([rowid])?;
+        }
+    }
+    conn.execute("DELETE FROM chunks WHERE document_id = ?1", [id])?;
+    Ok(())
+}
+
+fn insert_chunks(
+    conn: &Connection,
+    id: &str,
+    doc: &NewDocument,
+    stems: &[String],
+    has_vectors: bool,
+) -> rusqlite::Result<()> {
+    let mut insert_chunk = conn
+        .prepare_cached("INSERT INTO chunks (document_id, position, text) VALUES (?1, ?2, ?3)")?;
+    let mut insert_fts =
+        conn.prepare_cached("INSERT INTO chunks_fts (rowid, stems) VALUES (?1, ?2)")?;
+    let mut insert_vec = match has_vectors {
+        true => {
+            Some(conn.prepare_cached("INSERT INTO chunks_vec (rowid, embedding) VALUES (?1, ?2)")?)
+        }
+        false => None,
+    };
+    for (chunk, stems) in doc.chunks.iter().zip(stems) {
+        let rowid = insert_chunk.insert(params![id, chunk.position as i64, chunk.text])?;
+        insert_fts.execute(params![rowid, stems])?;
+        if let (Some(stmt), Some(embedding)) = (insert_vec.as_mut(), &chunk.embedding) {
+            stmt.execute(params![rowid, f32_blob(embedding)])?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies committed pages back into the database without waiting for anyone; with
+/// `journal_size_limit` this keeps the `-wal` file small. Failure is harmless (autocheckpoint
+/// and the next write try again).
+fn checkpoint(conn: &Connection, path: &Path) {
+    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, i64>(1)?,
+            row.get::<_, i64>(2)?,
+        ))
+    });
+    match result {
+        Ok((busy, wal_pages, checkpointed)) => {
+            log::trace!(
+                "embedded store: checkpoint busy={busy} wal={wal_pages} done={checkpointed}"
+            )
+        }
+        Err(e) => log::debug!(
+            "embedded store {}: passive checkpoint failed: {e}",
+            path.display()
+        ),
+    }
+}
+
+/// Every stem quoted (so `'`, `"`, `(`, `:`, `*`, `-`, `AND`... are words, never syntax) and
+/// OR-ed: a chunk matching any stem is a candidate, BM25 ranks those matching more higher.
+fn fts_query(stems: &[String]) -> String {
+    stems
+        .iter()
+        .map(|stem| format!("\"{}\"", stem.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// A vector as vec0 takes it: little-endian `f32`s.
+fn f32_blob(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A hit from `(document_id, title, source, position, text, raw score)`.
+fn hit_from_row(row: &Row<'_>, score: impl Fn(f64) -> f32) -> rusqlite::Result<Hit> {
+    Ok(Hit {
+        document_id: row.get(0)?,
+        title: row.get(1)?,
+        source: row.get(2)?,
+        position: row.get::<_, i64>(3)?.max(0) as usize,
+        text: row.get(4)?,
+        score: score(row.get(5)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fts_query_quotes_every_stem() {
+        let stems = vec!["what".to_string(), "a\"b".to_string(), "hup".to_string()];
+        assert_eq!(fts_query(&stems), r#""what" OR "a""b" OR "hup""#);
+    }
+
+    #[test]
+    fn scores_are_higher_is_better() {
+        assert!(Metric::Cosine.score(0.1) > Metric::Cosine.score(0.5));
+        assert!(Metric::L2.score(0.1) > Metric::L2.score(0.5));
+        assert_eq!(Metric::from_config(Distance::Dot), Metric::Cosine);
+        assert_eq!(Metric::parse(Metric::L2.name()), Some(Metric::L2));
+    }
+}
