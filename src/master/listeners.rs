@@ -48,6 +48,18 @@ impl Listener {
         self.socket.as_raw_fd()
     }
 
+    /// Whether this socket is what `addr` asks for: the same address, or, for a configured
+    /// port 0 ("any free port"), the port the kernel chose on the same IP.
+    pub fn serves(&self, addr: &BindAddr) -> bool {
+        match (addr, &self.local) {
+            _ if &self.addr == addr => true,
+            (BindAddr::Tcp(want), BindAddr::Tcp(have)) => {
+                want.port() == 0 && want.ip() == have.ip()
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_reuse_port_holder(&self) -> bool {
         !self.listening
     }
@@ -203,6 +215,62 @@ pub struct Listeners {
 const LISTEN_FDS_START: RawFd = 3;
 
 impl Listeners {
+    /// The sockets an old master handed over on USR2 (`RAGPOOL_LISTEN_FDS`), if any. Unix
+    /// socket files now belong to this master. Clears the variable.
+    pub fn from_old_master() -> Option<Result<Listeners, ListenError>> {
+        let fds = std::env::var(super::upgrade::ENV_LISTEN_FDS).ok()?;
+        std::env::remove_var(super::upgrade::ENV_LISTEN_FDS);
+        let mut all = Vec::new();
+        for fd in fds
+            .split(',')
+            .filter_map(|f| f.trim().parse::<RawFd>().ok())
+        {
+            // SAFETY: the old master passed these fds to this process to own.
+            let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let err = |source| ListenError::Bind {
+                addr: BindAddr::Unix(format!("(inherited fd {fd})").into()),
+                source,
+            };
+            if let Err(e) = socket.set_cloexec(true) {
+                return Some(Err(err(e)));
+            }
+            let local = match socket.local_addr() {
+                Ok(addr) => match (addr.as_socket(), addr.as_pathname()) {
+                    (Some(tcp), _) => BindAddr::Tcp(tcp),
+                    (None, Some(path)) => BindAddr::Unix(path.to_path_buf()),
+                    (None, None) => continue,
+                },
+                Err(e) => return Some(Err(err(e))),
+            };
+            let owns_path = matches!(local, BindAddr::Unix(_));
+            // A reuse-port port holder is bound but not listening; keep it that way.
+            let listening = socket.is_listener().unwrap_or(true);
+            all.push(Listener {
+                addr: local.clone(),
+                local,
+                socket,
+                listening,
+                owns_path,
+            });
+        }
+        Some(Ok(Listeners {
+            all,
+            activated: false,
+        }))
+    }
+
+    /// Gives up (or takes back) the removal of unix socket files on drop: an old master hands
+    /// them to its successor during an upgrade.
+    pub fn set_owns_paths(&mut self, owns: bool) {
+        for listener in self
+            .all
+            .iter_mut()
+            .filter(|l| matches!(l.addr, BindAddr::Unix(_)))
+        {
+            listener.owns_path = owns;
+        }
+    }
+
     /// The sockets systemd passed, if `LISTEN_PID` names this process and `LISTEN_FDS` > 0.
     /// Clears the variables so nothing downstream mistakes them for its own.
     pub fn from_systemd() -> Option<Result<Listeners, ListenError>> {
@@ -268,7 +336,7 @@ impl Listeners {
         for addr in &config.bind {
             let kept = current.and_then(|c| {
                 c.all.iter().find(|l| {
-                    &l.addr == addr
+                    l.serves(addr)
                         && l.is_reuse_port_holder()
                             == (config.reuse_port && matches!(addr, BindAddr::Tcp(_)))
                 })

@@ -20,6 +20,7 @@ mod pidfile;
 pub mod policy;
 pub mod signals;
 mod spawn;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::os::fd::{OwnedFd, RawFd};
@@ -40,6 +41,7 @@ pub use pidfile::{Pidfile, PidfileError};
 use policy::{Action, Phase};
 use signals::{SignalError, SignalQueue};
 use spawn::{spawn_worker, Spawn};
+use upgrade::Executable;
 
 /// How long the loop sleeps when nothing happens. Signals wake it at once.
 const LOOP_TICK: Duration = Duration::from_millis(200);
@@ -168,7 +170,13 @@ pub struct Arbiter {
     backoff: Backoff,
     /// Set when the master must give up (first generation cannot boot).
     halt: Option<MasterError>,
-    _pidfile: Option<Pidfile>,
+    pidfile: Option<Pidfile>,
+    /// The binary and arguments to exec on USR2.
+    exe: Executable,
+    /// A new master started by USR2 that has not yet taken over.
+    upgrade: Option<Pid>,
+    /// When this master was started by USR2: the old master to stop once we serve.
+    upgraded_from: Option<Pid>,
     /// Seed for `max_requests_jitter`.
     jitter_seed: u64,
     /// systemd's notify socket (no-op when not run by systemd).
@@ -187,14 +195,26 @@ impl Arbiter {
     /// Binds, maps the scoreboard and installs signal handlers. Forks nothing yet.
     pub fn start(source: ConfigSource, config: Config) -> Result<Arbiter, MasterError> {
         let pidfile = config.pidfile.as_deref().map(Pidfile::create).transpose()?;
-        let listeners = match Listeners::from_systemd() {
-            Some(activated) => {
-                log::info!(
-                    "Using sockets passed by systemd (socket activation); `bind` is ignored"
-                );
-                activated?
+        let listeners = if let Some(inherited) = Listeners::from_old_master() {
+            let mut inherited = inherited?;
+            log::info!(
+                "Taking over {} listening sockets from the old master",
+                inherited.all.len()
+            );
+            // Keep the inherited sockets the config still names; bind any it adds.
+            let mut listeners = Listeners::open(&config, Some(&inherited))?;
+            listeners.take_path_ownership_from(&mut inherited);
+            listeners
+        } else {
+            match Listeners::from_systemd() {
+                Some(activated) => {
+                    log::info!(
+                        "Using sockets passed by systemd (socket activation); `bind` is ignored"
+                    );
+                    activated?
+                }
+                None => Listeners::open(&config, None)?,
             }
-            None => Listeners::open(&config, None)?,
         };
         let me = std::process::id();
         log::info!(
@@ -221,7 +241,10 @@ impl Arbiter {
             signals,
             backoff: Backoff::new(),
             halt: None,
-            _pidfile: pidfile,
+            pidfile,
+            exe: Executable::current(),
+            upgrade: None,
+            upgraded_from: upgrade::upgraded_from(),
             jitter_seed: u64::from(me) ^ monotonic_ms(),
             notify: Notifier::from_env(),
             last_reload: String::from("none"),
@@ -301,7 +324,8 @@ impl Arbiter {
                 self.signal_workers(Signal::SIGUSR1, |_| true);
             }
             Action::Upgrade => {
-                log::warn!("Handling signal: {signal}: binary upgrade is not supported yet; use HUP to reload");
+                log::info!("Handling signal: {signal}: binary upgrade");
+                self.start_upgrade();
             }
             Action::Ignore(why) => log::info!("Ignoring signal {signal}: {why}"),
         }
@@ -328,6 +352,12 @@ impl Arbiter {
     }
 
     fn on_worker_exit(&mut self, pid: Pid, how: ExitKind) {
+        if self.upgrade == Some(pid) {
+            self.upgrade = None;
+            log::error!("Upgrade failed: the new master (pid {pid}) {how} before taking over; this master keeps serving");
+            self.abort_upgrade();
+            return;
+        }
         let Some(worker) = self.workers.remove(&pid) else {
             log::debug!("reaped unknown child {pid} ({how})");
             return;
@@ -551,6 +581,53 @@ impl Arbiter {
                 self.generation
             );
             self.notify.ready(&self.status_line());
+            if let Some(old) = self.upgraded_from.take() {
+                log::info!("Upgrade complete: this master serves; telling the old master (pid {old}) to stop");
+                self.notify.main_pid(std::process::id());
+                send(old, Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// USR2: rename the pidfile to `.oldbin`, hand the unix socket files over, exec the binary.
+    fn start_upgrade(&mut self) {
+        if let Some(pid) = self.upgrade {
+            log::warn!("An upgrade (new master pid {pid}) is already in progress");
+            return;
+        }
+        if let Some(pidfile) = &mut self.pidfile {
+            let oldbin = upgrade::oldbin_path(pidfile.path());
+            if let Err(e) = pidfile.rename(&oldbin) {
+                log::error!(
+                    "Upgrade not started: cannot rename the pidfile to {}: {e}",
+                    oldbin.display()
+                );
+                return;
+            }
+        }
+        self.listeners.set_owns_paths(false);
+        match upgrade::exec_new_master(&self.exe, &self.listeners.fds()) {
+            Ok(pid) => {
+                log::info!(
+                    "Upgrading: started new master {pid} ({})",
+                    self.exe.path.display()
+                );
+                self.upgrade = Some(pid);
+            }
+            Err(e) => {
+                log::error!("Upgrade failed: {e}");
+                self.abort_upgrade();
+            }
+        }
+    }
+
+    /// Takes back the pidfile and the unix socket files after a failed upgrade.
+    fn abort_upgrade(&mut self) {
+        self.listeners.set_owns_paths(true);
+        if let (Some(pidfile), Some(path)) = (&mut self.pidfile, self.config.pidfile.clone()) {
+            if let Err(e) = pidfile.rename(&path) {
+                log::error!("cannot restore the pidfile {}: {e}", path.display());
+            }
         }
     }
 
@@ -781,7 +858,11 @@ impl Arbiter {
                 self.config.graceful_timeout + RETIRE_GRACE,
             )
         };
-        if !matches!(self.phase, Phase::Draining | Phase::Halting) {
+        if let Some(successor) = self.upgrade {
+            // Stopped by our successor after an upgrade: the service is not stopping, so no
+            // STOPPING=1 (systemd already follows the new MAINPID).
+            log::info!("Handing over to the new master (pid {successor})");
+        } else if !matches!(self.phase, Phase::Draining | Phase::Halting) {
             self.notify.stopping();
         }
         self.phase = phase;

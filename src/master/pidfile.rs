@@ -49,6 +49,13 @@ impl Pidfile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Moves the file to `to` (USR2 renames it `<pidfile>.oldbin`); this value follows it.
+    pub fn rename(&mut self, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
 }
 
 impl Drop for Pidfile {

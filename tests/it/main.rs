@@ -9,6 +9,7 @@ mod llm;
 mod ops;
 mod rag;
 mod reload;
+mod upgrade;
 
 /// A workers.toml for tests: loopback, kernel-chosen port, the given extra lines.
 pub fn config(workers: usize, extra: &str) -> String {

@@ -69,6 +69,8 @@ pub struct Launch<'a> {
     pub wrapper: &'a [&'a str],
     pub env: &'a [(&'a str, &'a str)],
     pub extra_args: &'a [&'a str],
+    /// Run this binary instead of the one cargo built (e.g. a copy a test can replace).
+    pub binary: Option<&'a Path>,
 }
 
 /// A running `ragpool serve` in its own temp dir and process group; killed on drop.
@@ -110,13 +112,14 @@ impl ServerProcess {
         let config = config.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("workers.toml");
         std::fs::write(&config_path, config).expect("write workers.toml");
+        let binary = launch.binary.unwrap_or(Path::new(BIN));
         let mut command = match launch.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(BIN);
+                c.args(args).arg(binary);
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new(binary),
         };
         command.envs(launch.env.iter().copied());
         command

@@ -1,0 +1,146 @@
+//! USR2: binary upgrades under load, and a failed upgrade that leaves the old master serving.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::config;
+use crate::support::http;
+use crate::support::load::Load;
+use crate::support::{children_of, wait_until, Launch, ServerProcess, BIN};
+
+const BOUND: Duration = Duration::from_secs(30);
+
+/// Alive and not a zombie.
+fn is_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A copy of the binary the test may replace, as an operator replaces the installed one.
+fn installed_copy(dir: &Path) -> PathBuf {
+    let path = dir.join("ragpool-installed");
+    std::fs::copy(BIN, &path).unwrap();
+    path
+}
+
+#[test]
+fn a_load_running_across_five_binary_upgrades_sees_zero_failed_requests() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let binary = installed_copy(bin_dir.path());
+    let server = ServerProcess::launch(
+        &config(2, "pidfile = \"{dir}/ragpool.pid\"\n"),
+        Launch {
+            binary: Some(&binary),
+            ..Launch::default()
+        },
+    );
+    assert!(
+        server.wait_for_log("are serving", BOUND),
+        "{}",
+        server.logs()
+    );
+    let pidfile = server.path("ragpool.pid");
+    let oldbin = server.path("ragpool.pid.oldbin");
+    let load = Load::start(&server.addr(), 4);
+    assert!(load.wait_for_progress(50, BOUND));
+    let mut master = read_pid(&pidfile).unwrap();
+    for n in 1..=5 {
+        kill(Pid::from_raw(master), Signal::SIGUSR2).unwrap();
+        let mut successor = 0;
+        assert!(
+            wait_until(BOUND, || {
+                successor = read_pid(&pidfile).unwrap_or(0);
+                successor != master
+                    && successor != 0
+                    && server.count_in_log("Upgrade complete") >= n
+            }),
+            "upgrade {n} did not complete:\n{}",
+            server.logs()
+        );
+        assert!(
+            wait_until(BOUND, || !is_running(master)),
+            "old master {master} still running"
+        );
+        assert!(
+            !oldbin.exists(),
+            "the old master removed its .oldbin pidfile"
+        );
+        assert_eq!(
+            children_of(successor).len(),
+            2,
+            "the new master runs the configured workers"
+        );
+        assert!(
+            load.wait_for_progress(50, BOUND),
+            "no progress after upgrade {n}"
+        );
+        master = successor;
+    }
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.ok > 500, "{report:?}");
+}
+
+#[test]
+fn a_new_binary_that_cannot_boot_leaves_the_old_master_serving() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let binary = installed_copy(bin_dir.path());
+    let server = ServerProcess::launch(
+        &config(2, "pidfile = \"{dir}/ragpool.pid\"\n"),
+        Launch {
+            binary: Some(&binary),
+            ..Launch::default()
+        },
+    );
+    assert!(
+        server.wait_for_log("are serving", BOUND),
+        "{}",
+        server.logs()
+    );
+    let pidfile = server.path("ragpool.pid");
+    let workers = server.workers();
+    // "Install" a broken binary: replace the file, as a package upgrade does (rename over it).
+    let broken = bin_dir.path().join("broken");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'broken build: refusing to start' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &binary).unwrap();
+
+    server.signal(Signal::SIGUSR2);
+    assert!(
+        server.wait_for_log("Upgrade failed", BOUND),
+        "{}",
+        server.logs()
+    );
+    assert!(server.logs().contains("broken build: refusing to start"));
+    assert_eq!(
+        read_pid(&pidfile),
+        Some(server.pid()),
+        "the pidfile is ours again"
+    );
+    assert!(!server.path("ragpool.pid.oldbin").exists());
+    assert_eq!(server.workers(), workers, "the same workers keep serving");
+    assert_eq!(http::get(&server.addr(), "/health").unwrap().status, 200);
+    // And a later HUP still works: the master is fully in charge.
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload complete", BOUND),
+        "{}",
+        server.logs()
+    );
+}
