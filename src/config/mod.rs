@@ -8,6 +8,7 @@
 pub mod app;
 mod bind;
 mod error;
+pub mod process;
 pub mod raw;
 
 use std::collections::HashMap;
@@ -118,6 +119,14 @@ pub struct Config {
     pub unix_socket_mode: u32,
     /// Bearer token for write endpoints (and later metrics); `None` disables them.
     pub admin_token: Option<String>,
+    /// Workers switch to this user (and group) right after fork.
+    pub run_as: Option<process::RunAs>,
+    /// Applied by the master at start (files and sockets it and the workers create).
+    pub umask: Option<u32>,
+    /// The master's working directory, set before anything relative is opened.
+    pub chdir: Option<PathBuf>,
+    /// Peers whose `X-Forwarded-For`/`-Proto` are believed (Gunicorn's `forwarded_allow_ips`).
+    pub forwarded_allow_ips: process::TrustedProxies,
     pub store: StoreConfig,
     pub embed: EmbedConfig,
     pub llm: LlmConfig,
@@ -152,7 +161,11 @@ impl ConfigSource {
     pub fn new(path: Option<PathBuf>, overrides: Overrides) -> ConfigSource {
         ConfigSource {
             explicit: path.is_some(),
-            path: path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+            // Absolute, so a reload after `chdir` still finds the same file.
+            path: {
+                let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+                std::path::absolute(&path).unwrap_or(path)
+            },
             overrides,
         }
     }
@@ -345,6 +358,11 @@ const ALL_KEYS: &[&str] = &[
     "reuse_port",
     "unix_socket_mode",
     "admin_token",
+    "user",
+    "group",
+    "umask",
+    "chdir",
+    "forwarded_allow_ips",
     "store",
     "embed",
     "llm",
@@ -421,6 +439,11 @@ fn overlay(base: &mut RawConfig, top: RawConfig) {
         reuse_port,
         unix_socket_mode,
         admin_token,
+        user,
+        group,
+        umask,
+        chdir,
+        forwarded_allow_ips,
         store,
         embed,
         llm,
@@ -557,6 +580,13 @@ fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
     let table_error = |table: &str, (key, message): app::TableError| {
         loader.invalid(&format!("{table}.{key}"), message)
     };
+    let field_error = |(key, message): process::FieldError| loader.invalid(key, message);
+    let run_as = process::run_as(raw.user, raw.group).map_err(field_error)?;
+    let umask = process::umask(raw.umask).map_err(field_error)?;
+    let chdir = process::chdir(raw.chdir).map_err(field_error)?;
+    let forwarded_allow_ips =
+        process::trusted_proxies(raw.forwarded_allow_ips.map(RawBind::into_vec))
+            .map_err(field_error)?;
     let store = app::store(raw.store.unwrap_or_default()).map_err(|e| table_error("store", e))?;
     let embed = app::embed(raw.embed.unwrap_or_default()).map_err(|e| table_error("embed", e))?;
     let llm = app::llm(raw.llm.unwrap_or_default()).map_err(|e| table_error("llm", e))?;
@@ -631,6 +661,10 @@ fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
         reuse_port: raw.reuse_port.unwrap_or(false),
         unix_socket_mode,
         admin_token: path_value(raw.admin_token),
+        run_as,
+        umask,
+        chdir,
+        forwarded_allow_ips,
         store,
         embed,
         llm,

@@ -75,6 +75,11 @@ pub struct RawConfig {
     pub reuse_port: Option<bool>,
     pub unix_socket_mode: Option<String>,
     pub admin_token: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub umask: Option<String>,
+    pub chdir: Option<String>,
+    pub forwarded_allow_ips: Option<RawBind>,
     pub store: Option<RawStore>,
     pub embed: Option<RawEmbed>,
     pub llm: Option<RawLlm>,
@@ -158,6 +163,11 @@ pub const KEYS: &[&str] = &[
     "reuse_port",
     "unix_socket_mode",
     "admin_token",
+    "user",
+    "group",
+    "umask",
+    "chdir",
+    "forwarded_allow_ips",
 ];
 
 /// The tables of `workers.toml`; their keys are set in the file (or `RAGPOOL_<TABLE>__<KEY>`).

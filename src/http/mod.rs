@@ -6,6 +6,7 @@
 
 pub mod access_log;
 pub mod api;
+pub mod forwarded;
 pub mod limits;
 pub mod sse;
 

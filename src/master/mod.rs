@@ -69,6 +69,12 @@ pub enum MasterError {
     Scoreboard(#[from] ScoreboardError),
     #[error(transparent)]
     Signals(#[from] SignalError),
+    #[error("cannot change directory to {} (chdir): {source}", dir.display())]
+    Chdir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot fork a worker: {0}")]
     Fork(#[source] nix::Error),
     #[error("worker failed to boot (pid {pid}): {reason}")]
@@ -194,6 +200,16 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), MasterError> {
 impl Arbiter {
     /// Binds, maps the scoreboard and installs signal handlers. Forks nothing yet.
     pub fn start(source: ConfigSource, config: Config) -> Result<Arbiter, MasterError> {
+        if let Some(mask) = config.umask {
+            // SAFETY: umask only changes this process's file-creation mask.
+            unsafe { libc::umask(mask as libc::mode_t) };
+        }
+        if let Some(dir) = &config.chdir {
+            std::env::set_current_dir(dir).map_err(|source| MasterError::Chdir {
+                dir: dir.clone(),
+                source,
+            })?;
+        }
         let pidfile = config.pidfile.as_deref().map(Pidfile::create).transpose()?;
         let listeners = if let Some(inherited) = Listeners::from_old_master() {
             let mut inherited = inherited?;

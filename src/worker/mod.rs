@@ -47,6 +47,11 @@ pub fn run(boot: WorkerBoot) -> i32 {
         code
     };
 
+    if let Some(run_as) = &boot.config.run_as {
+        if let Err(message) = drop_privileges(run_as) {
+            return fail(EXIT_BOOT_ERROR, message);
+        }
+    }
     let access_log = match AccessLog::open(boot.config.accesslog.as_ref()) {
         Ok(log) => log,
         Err(e) => return fail(EXIT_BOOT_ERROR, e.to_string()),
@@ -105,4 +110,41 @@ pub fn run(boot: WorkerBoot) -> i32 {
         server::serve(listeners, shared, stop).await;
         0
     })
+}
+
+/// setgroups/initgroups, setgid, setuid — then make sure root is really gone.
+fn drop_privileges(run_as: &crate::config::process::RunAs) -> Result<(), String> {
+    use nix::unistd::{getegid, geteuid, getuid, initgroups, setgid, setuid};
+    if getuid() == run_as.uid && geteuid() == run_as.uid {
+        return Ok(()); // already that user (the master was started as it)
+    }
+    if !geteuid().is_root() {
+        return Err(format!(
+            "cannot switch to user {}: the master is not running as root (start it as root, or remove `user`)",
+            run_as.user
+        ));
+    }
+    let name =
+        std::ffi::CString::new(run_as.user.as_str()).map_err(|_| "bad user name".to_string())?;
+    initgroups(&name, run_as.gid).map_err(|e| format!("initgroups for {}: {e}", run_as.user))?;
+    setgid(run_as.gid).map_err(|e| format!("setgid {}: {e}", run_as.gid))?;
+    setuid(run_as.uid).map_err(|e| format!("setuid {}: {e}", run_as.uid))?;
+    // Refuse to serve as root when a user was asked for and the switch did not stick.
+    if !run_as.uid.is_root()
+        && (geteuid().is_root()
+            || getuid().is_root()
+            || nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok())
+    {
+        return Err(format!(
+            "dropping privileges to {} did not take effect; refusing to run as root",
+            run_as.user
+        ));
+    }
+    log::debug!(
+        "worker runs as {} (uid {}, gid {})",
+        run_as.user,
+        run_as.uid,
+        getegid()
+    );
+    Ok(())
 }

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::io::{Listener, Peer, Stream};
 use crate::config::Config;
 use crate::http::access_log::{AccessLog, Entry};
-use crate::http::{limits, ApiError, App, Body};
+use crate::http::{forwarded, limits, ApiError, App, Body};
 use crate::scoreboard::{Slot, SlotState};
 
 /// Pause after a failed `accept` (e.g. EMFILE) before trying again; never fatal.
@@ -303,9 +303,19 @@ async fn handle(
     state: Rc<ConnState>,
     peer: Peer,
     overloaded: bool,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let mut guard = RequestGuard::begin(Rc::clone(&shared), state, peer, &request);
+    let peer_ip = match peer {
+        Peer::Ip(addr) => Some(addr.ip()),
+        Peer::Unix => None,
+    };
+    let client = forwarded::client(
+        peer_ip,
+        request.headers(),
+        &shared.config.forwarded_allow_ips,
+    );
+    request.extensions_mut().insert(client);
+    let mut guard = RequestGuard::begin(Rc::clone(&shared), state, client, &request);
     let response = if overloaded {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -338,7 +348,7 @@ async fn handle(
 struct RequestGuard {
     shared: Rc<Shared>,
     conn: Rc<ConnState>,
-    peer: Peer,
+    client: forwarded::Client,
     started: std::time::Instant,
     /// Only captured when the access log is on.
     request_line: String,
@@ -353,7 +363,7 @@ impl RequestGuard {
     fn begin(
         shared: Rc<Shared>,
         conn: Rc<ConnState>,
-        peer: Peer,
+        client: forwarded::Client,
         request: &Request<Incoming>,
     ) -> RequestGuard {
         shared.slot.request_started();
@@ -385,7 +395,7 @@ impl RequestGuard {
         RequestGuard {
             shared,
             conn,
-            peer,
+            client,
             started: std::time::Instant::now(),
             request_line,
             referer,
@@ -402,7 +412,7 @@ impl Drop for RequestGuard {
         self.conn.in_flight.set(self.conn.in_flight.get() - 1);
         self.conn.last_done.set(Instant::now());
         self.shared.access_log.write(&Entry {
-            remote: &self.peer.host(),
+            remote: &self.client.host(),
             request_line: &self.request_line,
             status: self.status,
             bytes: self.bytes,

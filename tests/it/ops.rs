@@ -173,3 +173,122 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|dir| std::path::Path::new(dir).join(program))
         .find(|p| p.exists())
 }
+
+#[test]
+fn workers_drop_to_the_configured_user_while_the_master_keeps_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: dropping privileges needs the tests to run as root (CI does)");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        data.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let server = ServerProcess::start(&format!(
+        "workers = 2\nbind = [\"127.0.0.1:0\"]\nuser = \"nobody\"\n[store]\npath = \"{}\"\n",
+        data.path().join("store").display()
+    ));
+    let uid_of = |pid: i32| -> u32 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap() // effective uid
+    };
+    assert_eq!(
+        uid_of(server.pid()),
+        0,
+        "the master keeps root (to bind, reload, upgrade)"
+    );
+    for worker in server.workers() {
+        assert_eq!(
+            uid_of(worker),
+            nobody.uid.as_raw(),
+            "worker {worker} runs as nobody"
+        );
+    }
+    assert_eq!(
+        http::get(&server.addr(), "/health").unwrap().json()["store"]["status"],
+        "ok"
+    );
+}
+
+#[test]
+fn an_unknown_user_is_a_configuration_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("workers.toml");
+    std::fs::write(&path, "workers = 1\nuser = \"no-such-user-here\"\n").unwrap();
+    let out = std::process::Command::new(crate::support::BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("workers.toml:2: key `user`: no such user"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn umask_and_chdir_apply_to_the_files_the_pool_creates() {
+    let work = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&format!(
+        "workers = 1\nbind = [\"127.0.0.1:0\"]\numask = \"0077\"\nchdir = \"{}\"\naccesslog = \"access.log\"\n",
+        work.path().display()
+    ));
+    http::get(&server.addr(), "/health").unwrap();
+    let log = work.path().join("access.log");
+    assert!(
+        crate::support::wait_until(BOUND, || log.exists()),
+        "relative paths resolve in chdir"
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&log).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "umask 0077 applied");
+    assert!(
+        work.path().join("data").is_dir(),
+        "the default store path is under chdir"
+    );
+}
+
+#[test]
+fn x_forwarded_for_is_believed_only_from_trusted_peers() {
+    let trusting = ServerProcess::start(&config(1, "accesslog = \"{dir}/access.log\"\n"));
+    let distrusting = ServerProcess::start(&config(
+        1,
+        "accesslog = \"{dir}/access.log\"\nforwarded_allow_ips = []\n",
+    ));
+    for server in [&trusting, &distrusting] {
+        let request = "GET /health HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 198.51.100.9, 203.0.113.7\r\nConnection: close\r\n\r\n";
+        assert_eq!(
+            http::send_raw(&server.addr(), request.as_bytes())
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let first_field = |server: &ServerProcess| {
+        let log = server.path("access.log");
+        assert!(crate::support::wait_until(BOUND, || {
+            std::fs::read_to_string(&log).is_ok_and(|t| !t.is_empty())
+        }));
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        first_field(&trusting),
+        "203.0.113.7",
+        "loopback is trusted by default, as in Gunicorn"
+    );
+    assert_eq!(first_field(&distrusting), "127.0.0.1");
+}
