@@ -40,6 +40,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show the running pool: master, generation, and each worker (pid, state, requests, RSS).
+    Status {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the raw JSON of /status instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add or update documents: files or folders (Markdown, text, HTML, PDF). Safe while serving.
     Ingest {
         #[arg(long, short)]
@@ -62,6 +70,9 @@ fn main() -> ExitCode {
             workers,
             bind,
         } => serve(ConfigSource::new(config, Overrides { workers, bind })),
+        Command::Status { config, json } => {
+            status(ConfigSource::new(config, Overrides::default()), json)
+        }
         Command::Ingest { config, paths } => {
             ingest(ConfigSource::new(config, Overrides::default()), &paths)
         }
@@ -103,6 +114,31 @@ fn serve(source: ConfigSource) -> ExitCode {
                 MasterError::BootFailed { .. } => ExitCode::from(EXIT_BOOT),
                 _ => ExitCode::FAILURE,
             }
+        }
+    }
+}
+
+/// `ragpool status`: the pool as its `/status` endpoint sees it.
+fn status(source: ConfigSource, json: bool) -> ExitCode {
+    let config = match config::load(&source) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ragpool: error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match ragpool::status::fetch(&config) {
+        Ok(value) if json => {
+            println!("{value}");
+            ExitCode::SUCCESS
+        }
+        Ok(value) => {
+            print!("{}", ragpool::status::render(&value));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ragpool: error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -17,6 +17,8 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod rag;
 pub mod scoreboard;
+pub mod status;
 pub mod worker;

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 
+use crate::metrics::{MetricCells, Snapshot, CAUSES};
+
 /// Bytes kept of a worker's boot error.
 pub const BOOT_ERROR_LEN: usize = 480;
 
@@ -56,6 +58,10 @@ pub struct Slot {
     connections: AtomicU64,
     boot_error_len: AtomicU32,
     boot_error: [AtomicU8; BOOT_ERROR_LEN],
+    /// Resident memory in KiB, stamped by the worker with its heartbeat.
+    pub rss_kib: AtomicU64,
+    /// This worker's share of the pool metrics.
+    pub metrics: MetricCells,
 }
 
 impl Slot {
@@ -70,6 +76,8 @@ impl Slot {
         self.in_flight.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
         self.boot_error_len.store(0, Ordering::Relaxed);
+        self.rss_kib.store(0, Ordering::Relaxed);
+        self.metrics.reset();
         self.state
             .store(SlotState::Booting as u32, Ordering::Release);
     }
@@ -176,7 +184,8 @@ impl Slot {
 
 /// The mapping itself. Created once by the master before any fork; inherited by workers.
 pub struct Scoreboard {
-    slots: NonNull<Slot>,
+    /// Start of the mapping: the [`PoolHeader`], then the slots.
+    base: NonNull<u8>,
     len: usize,
 }
 
@@ -188,13 +197,107 @@ pub struct ScoreboardError {
     source: nix::Error,
 }
 
+/// Pool-wide state in front of the slots: what outlives any one worker.
+#[repr(C)]
+pub struct PoolHeader {
+    /// Seqlock around folds: odd while the master moves a dead worker's counters into
+    /// `retired`, so a reader never counts them twice or not at all.
+    seq: AtomicU64,
+    /// Counters of workers that have exited.
+    pub retired: MetricCells,
+    /// Worker replacements by cause (see [`crate::metrics::CAUSES`]).
+    restarts: [AtomicU64; CAUSES.len()],
+    master_pid: AtomicU64,
+    started_unix_ms: AtomicU64,
+    config_loaded_unix_ms: AtomicU64,
+    generation: AtomicU64,
+    last_reload_unix_ms: AtomicU64,
+    /// 0 = none yet, 1 = ok, 2 = failed or rejected.
+    last_reload_result: AtomicU64,
+}
+
+/// Master facts as the header holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolInfo {
+    pub master_pid: u64,
+    pub started_unix_ms: u64,
+    pub config_loaded_unix_ms: u64,
+    pub generation: u64,
+    pub last_reload_unix_ms: u64,
+    /// None before the first reload; Some(true) when it succeeded.
+    pub last_reload_ok: Option<bool>,
+}
+
+impl PoolHeader {
+    pub fn count_restart(&self, cause: &str) {
+        if let Some(i) = CAUSES.iter().position(|c| *c == cause) {
+            self.restarts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn restarts(&self, cause: usize) -> u64 {
+        self.restarts[cause].load(Ordering::Relaxed)
+    }
+
+    pub fn set_master(&self, pid: u32) {
+        let now = unix_ms();
+        self.master_pid.store(u64::from(pid), Ordering::Relaxed);
+        self.started_unix_ms.store(now, Ordering::Relaxed);
+        self.config_loaded_unix_ms.store(now, Ordering::Relaxed);
+    }
+
+    pub fn set_generation(&self, generation: u64) {
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// Master: a reload ended; when it succeeded the config was (re)loaded now.
+    pub fn note_reload(&self, ok: bool) {
+        let now = unix_ms();
+        self.last_reload_unix_ms.store(now, Ordering::Relaxed);
+        self.last_reload_result
+            .store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+        if ok {
+            self.config_loaded_unix_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    pub fn info(&self) -> PoolInfo {
+        PoolInfo {
+            master_pid: self.master_pid.load(Ordering::Relaxed),
+            started_unix_ms: self.started_unix_ms.load(Ordering::Relaxed),
+            config_loaded_unix_ms: self.config_loaded_unix_ms.load(Ordering::Relaxed),
+            generation: self.generation.load(Ordering::Relaxed),
+            last_reload_unix_ms: self.last_reload_unix_ms.load(Ordering::Relaxed),
+            last_reload_ok: match self.last_reload_result.load(Ordering::Relaxed) {
+                0 => None,
+                r => Some(r == 1),
+            },
+        }
+    }
+}
+
+/// One live worker as `/status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerView {
+    pub slot: usize,
+    pub pid: i32,
+    pub state: SlotState,
+    pub generation: u64,
+    pub age_ms: u64,
+    pub heartbeat_ms_ago: u64,
+    pub requests: u64,
+    pub in_flight: u64,
+    pub connections: u64,
+    pub rss_bytes: u64,
+}
+
 impl Scoreboard {
-    /// Maps `len` zeroed slots shared with every process forked afterwards.
+    /// Maps the pool header and `len` zeroed slots, shared with every process forked afterwards.
     pub fn new(len: usize) -> Result<Scoreboard, ScoreboardError> {
-        let bytes = std::mem::size_of::<Slot>() * len.max(1);
-        let size = NonZeroUsize::new(bytes).expect("at least one slot");
-        // SAFETY: an anonymous shared mapping of fresh zeroed pages; `Slot` is `repr(C)` atomics,
-        // for which all-zero bytes are a valid value. Nothing else aliases it yet.
+        let len = len.max(1);
+        let size = NonZeroUsize::new(Self::bytes(len)).expect("non-empty mapping");
+        // SAFETY: an anonymous shared mapping of fresh zeroed pages; the header and `Slot` are
+        // `repr(C)` atomics, for which all-zero bytes are valid. Nothing else aliases it yet.
         let ptr = unsafe {
             mmap_anonymous(
                 None,
@@ -205,9 +308,23 @@ impl Scoreboard {
         }
         .map_err(|source| ScoreboardError { slots: len, source })?;
         Ok(Scoreboard {
-            slots: ptr.cast(),
-            len: len.max(1),
+            base: ptr.cast(),
+            len,
         })
+    }
+
+    /// Header, padded to the slots' alignment, then the slots.
+    fn slots_offset() -> usize {
+        std::mem::size_of::<PoolHeader>().next_multiple_of(std::mem::align_of::<Slot>())
+    }
+
+    fn bytes(len: usize) -> usize {
+        Self::slots_offset() + std::mem::size_of::<Slot>() * len
+    }
+
+    pub fn header(&self) -> &PoolHeader {
+        // SAFETY: the header sits at the start of the mapping, which lives as long as `self`.
+        unsafe { &*self.base.as_ptr().cast::<PoolHeader>() }
     }
 
     pub fn len(&self) -> usize {
@@ -220,8 +337,15 @@ impl Scoreboard {
 
     pub fn slot(&self, index: usize) -> &Slot {
         assert!(index < self.len, "slot {index} out of {}", self.len);
-        // SAFETY: index is in bounds of the mapping, which lives as long as `self`.
-        unsafe { &*self.slots.as_ptr().add(index) }
+        // SAFETY: in bounds of the mapping (offset computed as in `bytes`), aligned for `Slot`.
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(Self::slots_offset())
+                .cast::<Slot>()
+                .add(index)
+        }
     }
 
     pub fn slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
@@ -234,13 +358,62 @@ impl Scoreboard {
             .find(|(_, s)| s.state() == SlotState::Free)
             .map(|(i, _)| i)
     }
+
+    /// Master, after reaping a worker: moves its counters into the pool's and frees the slot.
+    pub fn retire_slot(&self, index: usize) {
+        let header = self.header();
+        header.seq.fetch_add(1, Ordering::AcqRel);
+        let slot = self.slot(index);
+        slot.metrics.fold_into(&header.retired);
+        slot.release();
+        header.seq.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Pool-wide counters (retired + every live slot) and the live workers, read consistently
+    /// with respect to folds.
+    pub fn snapshot(&self) -> (Snapshot, Vec<WorkerView>) {
+        let header = self.header();
+        let now = monotonic_ms();
+        for _ in 0..1000 {
+            let before = header.seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut totals = Snapshot::default();
+            header.retired.add_to(&mut totals);
+            let mut workers = Vec::new();
+            for (index, slot) in self.slots() {
+                let state = slot.state();
+                if state == SlotState::Free {
+                    continue;
+                }
+                slot.metrics.add_to(&mut totals);
+                workers.push(WorkerView {
+                    slot: index,
+                    pid: slot.pid(),
+                    state,
+                    generation: slot.generation(),
+                    age_ms: slot.age_ms(now),
+                    heartbeat_ms_ago: slot.silence_ms(now),
+                    requests: slot.requests(),
+                    in_flight: slot.in_flight(),
+                    connections: slot.connections(),
+                    rss_bytes: slot.rss_kib.load(Ordering::Relaxed) * 1024,
+                });
+            }
+            if header.seq.load(Ordering::Acquire) == before {
+                return (totals, workers);
+            }
+        }
+        (Snapshot::default(), Vec::new())
+    }
 }
 
 impl Drop for Scoreboard {
     fn drop(&mut self) {
-        let bytes = std::mem::size_of::<Slot>() * self.len;
         // SAFETY: unmapping exactly what `new` mapped; no reference outlives `self`.
-        let _ = unsafe { munmap(self.slots.cast(), bytes) };
+        let _ = unsafe { munmap(self.base.cast(), Self::bytes(self.len)) };
     }
 }
 
@@ -253,6 +426,14 @@ pub fn monotonic_ms() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Milliseconds since the Unix epoch (for timestamps shown to people).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -119,6 +119,8 @@ pub struct Config {
     pub unix_socket_mode: u32,
     /// Bearer token for write endpoints (and later metrics); `None` disables them.
     pub admin_token: Option<String>,
+    /// Record per-request and RAG metrics into the shared scoreboard (`/metrics`).
+    pub metrics: bool,
     /// Workers switch to this user (and group) right after fork.
     pub run_as: Option<process::RunAs>,
     /// Applied by the master at start (files and sockets it and the workers create).
@@ -358,6 +360,7 @@ const ALL_KEYS: &[&str] = &[
     "reuse_port",
     "unix_socket_mode",
     "admin_token",
+    "metrics",
     "user",
     "group",
     "umask",
@@ -439,6 +442,7 @@ fn overlay(base: &mut RawConfig, top: RawConfig) {
         reuse_port,
         unix_socket_mode,
         admin_token,
+        metrics,
         user,
         group,
         umask,
@@ -661,6 +665,7 @@ fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
         reuse_port: raw.reuse_port.unwrap_or(false),
         unix_socket_mode,
         admin_token: path_value(raw.admin_token),
+        metrics: raw.metrics.unwrap_or(true),
         run_as,
         umask,
         chdir,

@@ -4,6 +4,7 @@
 //! so a bad request gets a clear JSON error, never a crash or a hang.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -13,12 +14,14 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::forwarded::Client;
 use super::sse::EventBody;
 use super::{full, json, ApiError, Body};
-use crate::config::MAX_TOP_K;
+use crate::config::{Config, MAX_TOP_K};
 use crate::rag::engine::{Answer, Event, Mode, Rag, Timings};
 use crate::rag::ingest::{self, IngestError};
 use crate::rag::UpsertOutcome;
+use crate::scoreboard::{Scoreboard, Slot};
 
 /// The chat page, embedded in the binary: no build step, no CDN.
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
@@ -29,6 +32,11 @@ pub struct Api {
     pub rag: Rc<Rag>,
     pub admin_token: Option<String>,
     pub max_body: u64,
+    /// The pool's shared scoreboard: `/metrics` and `/status` read it, answers record into
+    /// this worker's slot.
+    pub board: &'static Scoreboard,
+    pub slot: &'static Slot,
+    pub config: Arc<Config>,
 }
 
 impl Api {
@@ -38,6 +46,24 @@ impl Api {
         match (method, path.as_str()) {
             (Method::GET | Method::HEAD, "/") => Ok(page()),
             (Method::GET | Method::HEAD, "/health") => Ok(self.health().await),
+            (Method::GET, "/metrics") => {
+                self.authorize_internal(&request)?;
+                let stats = self.rag.store().stats().await.ok();
+                let mut response =
+                    Response::new(full(super::metrics::prometheus(self.board, stats)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(response)
+            }
+            (Method::GET, "/status") => {
+                self.authorize_internal(&request)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &super::metrics::status(self.board, self.config.path.as_deref()),
+                ))
+            }
             (Method::POST, "/api/ask") => self.ask(request).await,
             (Method::POST, "/api/ask/stream") => self.ask_stream(request).await,
             (Method::GET, "/api/documents") => self.list_documents().await,
@@ -46,12 +72,14 @@ impl Api {
                 self.delete_document(&request, &p["/api/documents/".len()..])
                     .await
             }
-            (_, "/" | "/health" | "/api/ask" | "/api/ask/stream" | "/api/documents") => {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method not allowed for this path",
-                ))
-            }
+            (
+                _,
+                "/" | "/health" | "/metrics" | "/status" | "/api/ask" | "/api/ask/stream"
+                | "/api/documents",
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed for this path",
+            )),
             _ => Err(ApiError::not_found()),
         }
     }
@@ -98,14 +126,17 @@ impl Api {
             timings: Timings::default(),
         };
         while let Some(event) = rx.recv().await {
+            if self.config.metrics {
+                super::metrics::observe(&self.slot.metrics, &event);
+            }
             match event {
                 Event::Sources(sources) => answer.sources = sources,
                 Event::Token(text) => answer.answer.push_str(&text),
-                Event::Done { mode, timings } => {
+                Event::Done { mode, timings, .. } => {
                     answer.mode = mode;
                     answer.timings = timings;
                 }
-                Event::Error(message) => {
+                Event::Error { message, .. } => {
                     return Err(ApiError::new(StatusCode::BAD_GATEWAY, message))
                 }
             }
@@ -121,7 +152,8 @@ impl Api {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let rag = Rc::clone(&self.rag);
         tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
-        let mut response = Response::new(Box::pin(EventBody::new(rx)) as Body);
+        let metrics = self.config.metrics.then_some(&self.slot.metrics);
+        let mut response = Response::new(Box::pin(EventBody::new(rx, metrics)) as Body);
         let headers = response.headers_mut();
         headers.insert(
             CONTENT_TYPE,
@@ -293,6 +325,32 @@ impl Api {
             true => Ok(json(StatusCode::OK, &json!({ "deleted": id }))),
             false => Err(ApiError::new(StatusCode::NOT_FOUND, "no such document")),
         }
+    }
+
+    /// `/metrics` and `/status`: loopback (or unix-socket) clients that did not come through a
+    /// proxy on someone else's behalf, or anyone with the admin token.
+    fn authorize_internal(&self, request: &Request<Incoming>) -> Result<(), ApiError> {
+        let local = request
+            .extensions()
+            .get::<Client>()
+            .is_some_and(|c| !c.forwarded && (c.ip.is_none() || c.is_loopback()));
+        if local || self.bearer_matches(request) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "internal endpoint: ask from the server itself, or send the admin token",
+            ))
+        }
+    }
+
+    fn bearer_matches(&self, request: &Request<Incoming>) -> bool {
+        let Some(expected) = &self.admin_token else {
+            return false;
+        };
+        let given = header(request, AUTHORIZATION).unwrap_or_default();
+        let token = given.strip_prefix("Bearer ").unwrap_or_default().trim();
+        constant_time_eq(token.as_bytes(), expected.as_bytes())
     }
 
     fn authorize(&self, request: &Request<Incoming>) -> Result<(), ApiError> {

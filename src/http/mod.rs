@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod api;
 pub mod forwarded;
 pub mod limits;
+pub mod metrics;
 pub mod sse;
 
 use std::convert::Infallible;
@@ -88,13 +89,20 @@ pub struct App {
 }
 
 impl App {
-    pub async fn load(config: &Config) -> Result<App, AppError> {
+    pub async fn load(
+        config: &std::sync::Arc<Config>,
+        board: &'static crate::scoreboard::Scoreboard,
+        slot: &'static crate::scoreboard::Slot,
+    ) -> Result<App, AppError> {
         let rag = Rc::new(crate::rag::engine::Rag::open(config).await?);
         Ok(App {
             api: api::Api {
                 rag,
                 admin_token: config.admin_token.clone(),
                 max_body: config.limits.body,
+                board,
+                slot,
+                config: std::sync::Arc::clone(config),
             },
         })
     }

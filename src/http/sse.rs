@@ -10,6 +10,7 @@ use hyper::body::{Body as HttpBody, Frame};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::metrics::MetricCells;
 use crate::rag::engine::Event;
 
 /// The `event:` name and `data:` JSON of one event.
@@ -17,8 +18,8 @@ pub fn encode(event: &Event) -> Bytes {
     let (name, data) = match event {
         Event::Sources(sources) => ("sources", json!({ "sources": sources })),
         Event::Token(text) => ("token", json!({ "text": text })),
-        Event::Done { mode, timings } => ("done", json!({ "mode": mode, "timings": timings })),
-        Event::Error(message) => ("error", json!({ "error": message })),
+        Event::Done { mode, timings, .. } => ("done", json!({ "mode": mode, "timings": timings })),
+        Event::Error { message, .. } => ("error", json!({ "error": message })),
     };
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
@@ -26,11 +27,13 @@ pub fn encode(event: &Event) -> Bytes {
 /// A response body fed by the answer pipeline.
 pub struct EventBody {
     events: mpsc::Receiver<Event>,
+    /// Where to count tokens, stage timings and upstream errors (None: metrics off).
+    metrics: Option<&'static MetricCells>,
 }
 
 impl EventBody {
-    pub fn new(events: mpsc::Receiver<Event>) -> EventBody {
-        EventBody { events }
+    pub fn new(events: mpsc::Receiver<Event>, metrics: Option<&'static MetricCells>) -> EventBody {
+        EventBody { events, metrics }
     }
 }
 
@@ -42,9 +45,15 @@ impl HttpBody for EventBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.events
-            .poll_recv(cx)
-            .map(|event| event.map(|e| Ok(Frame::data(encode(&e)))))
+        let metrics = self.metrics;
+        self.events.poll_recv(cx).map(|event| {
+            event.map(|e| {
+                if let Some(cells) = metrics {
+                    super::metrics::observe(cells, &e);
+                }
+                Ok(Frame::data(encode(&e)))
+            })
+        })
     }
 }
 
@@ -59,7 +68,10 @@ mod tests {
             &token[..],
             "event: token\ndata: {\"text\":\"при\\\"вет\\n\"}\n\n".as_bytes()
         );
-        let error = encode(&Event::Error("down".into()));
+        let error = encode(&Event::Error {
+            message: "down".into(),
+            backend: "ollama",
+        });
         assert!(error.starts_with(b"event: error\ndata: {\"error\":\"down\"}"));
     }
 }

@@ -108,6 +108,8 @@ struct Worker {
     aborted_at: Option<Instant>,
     /// SIGKILL sent; nothing more to do but reap.
     killed: bool,
+    /// Why it is being replaced, for the restart counters (None: not a replacement).
+    cause: Option<&'static str>,
 }
 
 /// A new generation started by HUP that has not yet taken over.
@@ -241,6 +243,8 @@ impl Arbiter {
             log::info!("Listening at: {address} ({me})");
         }
         let scoreboard = Scoreboard::new(SCOREBOARD_SLOTS)?;
+        scoreboard.header().set_master(me);
+        scoreboard.header().set_generation(1);
         let signals = SignalQueue::install()?;
         Ok(Arbiter {
             source,
@@ -382,9 +386,18 @@ impl Arbiter {
         let booted =
             worker.booted || matches!(slot.state(), SlotState::Ready | SlotState::Draining);
         let boot_error = slot.boot_error();
-        slot.release();
+        self.scoreboard.retire_slot(worker.slot);
 
         let stopping = matches!(self.phase, Phase::Draining | Phase::Halting);
+        let cause = match (stopping, worker.cause, worker.retiring_since) {
+            (true, _, _) => None,
+            (false, Some(cause), _) => Some(cause),
+            (false, None, None) => Some("crash"),
+            (false, None, Some(_)) => None,
+        };
+        if let Some(cause) = cause {
+            self.scoreboard.header().count_restart(cause);
+        }
         let expected = worker.retiring_since.is_some() || stopping;
         if expected {
             log::info!(
@@ -467,6 +480,7 @@ impl Arbiter {
                     );
                     send(worker.pid, Signal::SIGABRT);
                     worker.aborted_at = Some(Instant::now());
+                    worker.cause = Some("timeout");
                 }
                 Some(at) if at.elapsed() > ABORT_GRACE => {
                     log::error!(
@@ -534,7 +548,7 @@ impl Arbiter {
         if active.len() > self.target {
             let excess = active.len() - self.target;
             for pid in active.into_iter().take(excess) {
-                self.retire(pid, "above the target worker count");
+                self.retire(pid, "above the target worker count", Some("scale_down"));
             }
             return;
         }
@@ -573,11 +587,15 @@ impl Arbiter {
             if capacity <= self.target {
                 break;
             }
-            to_retire.push(worker.pid);
+            let cause = match worker.recycle {
+                Some(RecycleCause::Memory) => "memory",
+                _ => "max_requests",
+            };
+            to_retire.push((worker.pid, cause));
             capacity -= 1;
         }
-        for pid in to_retire {
-            self.retire(pid, "its replacement is serving");
+        for (pid, cause) in to_retire {
+            self.retire(pid, "its replacement is serving", Some(cause));
         }
     }
 
@@ -712,6 +730,7 @@ impl Arbiter {
                 retiring_since: None,
                 aborted_at: None,
                 killed: false,
+                cause: None,
             },
         );
         Ok(pid)
@@ -729,9 +748,10 @@ impl Arbiter {
     }
 
     /// Tells one worker to finish its in-flight requests and exit.
-    fn retire(&mut self, pid: Pid, why: &str) {
+    fn retire(&mut self, pid: Pid, why: &str, cause: Option<&'static str>) {
         if let Some(worker) = self.workers.get_mut(&pid) {
             if worker.retiring_since.is_none() {
+                worker.cause = cause;
                 log::info!(
                     "Retiring worker (pid: {pid}, generation {}): {why}",
                     worker.generation
@@ -763,6 +783,10 @@ impl Arbiter {
 
     /// Records how a reload ended and tells systemd the reload is over (READY=1).
     fn finish_reload(&mut self, outcome: String) {
+        self.scoreboard
+            .header()
+            .note_reload(outcome.starts_with("ok"));
+        self.scoreboard.header().set_generation(self.generation);
         self.last_reload = outcome;
         self.notify.ready(&self.status_line());
     }
@@ -833,7 +857,7 @@ impl Arbiter {
             .map(|w| w.pid)
             .collect();
         for pid in old {
-            self.retire(pid, "replaced by a reload");
+            self.retire(pid, "replaced by a reload", Some("reload"));
         }
         log::info!("Reload complete: generation {} is serving", self.generation);
         self.finish_reload(format!("ok (generation {})", self.generation));
@@ -851,7 +875,7 @@ impl Arbiter {
             .map(|w| w.pid)
             .collect();
         for pid in doomed {
-            self.retire(pid, "its reload was rolled back");
+            self.retire(pid, "its reload was rolled back", None);
         }
         log::error!(
             "Reload to generation {} failed: {reason}; generation {} keeps serving",

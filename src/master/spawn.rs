@@ -16,7 +16,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::config::Config;
 use crate::master::signals::SignalQueue;
-use crate::scoreboard::{Scoreboard, Slot};
+use crate::scoreboard::Scoreboard;
 use crate::worker::{self, WorkerBoot};
 
 /// Everything a new worker needs, gathered by the master before forking.
@@ -64,12 +64,12 @@ pub fn spawn_worker(spawn: Spawn<'_>) -> nix::Result<Pid> {
                 // SAFETY: closing inherited fds that belong to the master; never used here again.
                 unsafe { libc::close(*fd) };
             }
-            // SAFETY: the scoreboard mapping is never unmapped in the child: the child ends in
-            // `process::exit` without dropping master state, so the slot lives as long as it.
-            let slot: &'static Slot =
-                unsafe { &*(spawn.scoreboard.slot(spawn.slot) as *const Slot) };
+            // SAFETY: the child never drops master state (it ends in `process::exit`), so the
+            // `Scoreboard` value and the mapping it owns live as long as the child does.
+            let board: &'static Scoreboard = unsafe { &*(spawn.scoreboard as *const Scoreboard) };
             let code = worker::run(WorkerBoot {
-                slot,
+                slot: board.slot(spawn.slot),
+                board,
                 slot_index: spawn.slot,
                 generation: spawn.generation,
                 config: Arc::clone(spawn.config),

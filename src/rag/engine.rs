@@ -77,8 +77,17 @@ pub struct Timings {
 pub enum Event {
     Sources(Vec<Source>),
     Token(String),
-    Done { mode: Mode, timings: Timings },
-    Error(String),
+    /// `upstream_error` names the LLM backend when it failed and the answer fell back.
+    Done {
+        mode: Mode,
+        timings: Timings,
+        upstream_error: Option<&'static str>,
+    },
+    /// The answer failed; `backend` is the upstream at fault ("embedded", "ollama", ...).
+    Error {
+        message: String,
+        backend: &'static str,
+    },
 }
 
 /// A complete answer, for `POST /api/ask`.
@@ -113,6 +122,8 @@ pub struct Rag {
     generator: Option<Generator>,
     stems: Stems,
     config: crate::config::RagConfig,
+    /// "ollama", "openai" or "none": the label of LLM errors in metrics.
+    llm_backend: &'static str,
     /// The last LLM probe: when, and whether it answered.
     llm_probe: RefCell<Option<(Instant, Result<(), String>)>>,
 }
@@ -134,6 +145,11 @@ impl Rag {
             generator,
             stems: Stems::default(),
             config: config.rag.clone(),
+            llm_backend: match config.llm.provider {
+                Provider::Ollama => "ollama",
+                Provider::OpenAi => "openai",
+                Provider::None => "none",
+            },
             llm_probe: RefCell::new(None),
         })
     }
@@ -235,6 +251,7 @@ impl Rag {
     /// Answers a question, sending events into `events`. Stops early (dropping the upstream
     /// generation) as soon as the receiver goes away.
     pub async fn ask(&self, question: &str, top_k: usize, events: mpsc::Sender<Event>) {
+        let mut upstream_error = None;
         let started = Instant::now();
         let mut timings = Timings::default();
         let language = detect_language(question);
@@ -243,7 +260,10 @@ impl Rag {
             Err(e) => {
                 log::error!("retrieval failed: {e}");
                 let _ = events
-                    .send(Event::Error("the document store is unavailable".into()))
+                    .send(Event::Error {
+                        message: "the document store is unavailable".into(),
+                        backend: self.store.backend_name(),
+                    })
                     .await;
                 return;
             }
@@ -301,11 +321,13 @@ impl Rag {
                 Generation::Finished => Mode::Generated,
                 Generation::ReceiverGone => return,
                 Generation::FailedMidStream(message) => {
-                    let _ = events.send(Event::Error(message)).await;
+                    let backend = self.llm_backend;
+                    let _ = events.send(Event::Error { message, backend }).await;
                     return;
                 }
                 Generation::Unavailable(e) => {
                     log::warn!("LLM unavailable, answering extractively: {e}");
+                    upstream_error = Some(self.llm_backend);
                     self.note_llm(Err(e.to_string()));
                     let text = answer::extractive_answer(
                         question,
@@ -321,7 +343,13 @@ impl Rag {
         };
         timings.generate_ms = ms(generate_started.elapsed());
         timings.total_ms = ms(started.elapsed());
-        let _ = events.send(Event::Done { mode, timings }).await;
+        let _ = events
+            .send(Event::Done {
+                mode,
+                timings,
+                upstream_error,
+            })
+            .await;
     }
 
     async fn generate(

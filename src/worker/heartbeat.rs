@@ -22,9 +22,22 @@ pub async fn run(slot: &'static Slot, timeout: Duration, master: Pid, stopper: S
     loop {
         tick.tick().await;
         slot.stamp_heartbeat();
+        if let Some(kib) = resident_kib() {
+            slot.rss_kib
+                .store(kib, std::sync::atomic::Ordering::Relaxed);
+        }
         if nix::unistd::getppid() != master {
             log::warn!("master {master} is gone; stopping gracefully");
             stopper.stop();
         }
     }
+}
+
+/// This process's resident set in KiB, from /proc/self/statm (one small read per beat).
+fn resident_kib() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Some(pages * page / 1024)
 }

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use crate::config::Config;
 use crate::http::access_log::AccessLog;
 use crate::http::App;
-use crate::scoreboard::{Slot, SlotState};
+use crate::scoreboard::{Scoreboard, Slot, SlotState};
 
 /// Exit code: the worker could not set itself up (runtime, listeners, logs). Gunicorn's 3.
 pub const EXIT_BOOT_ERROR: i32 = 3;
@@ -29,6 +29,8 @@ pub const EXIT_APP_LOAD_ERROR: i32 = 4;
 pub struct WorkerBoot {
     /// This worker's scoreboard slot; the mapping outlives the process.
     pub slot: &'static Slot,
+    /// The whole scoreboard, for answering `/metrics` and `/status` for the pool.
+    pub board: &'static Scoreboard,
     pub slot_index: usize,
     pub generation: u64,
     pub config: Arc<Config>,
@@ -77,7 +79,7 @@ pub fn run(boot: WorkerBoot) -> i32 {
                 }
             }
         }
-        let app = match App::load(&boot.config).await {
+        let app = match App::load(&boot.config, boot.board, slot).await {
             Ok(app) => app,
             Err(e) => return fail(EXIT_APP_LOAD_ERROR, e.to_string()),
         };

@@ -356,6 +356,8 @@ struct RequestGuard {
     user_agent: String,
     /// 499 (nginx's "client closed request") until a response exists.
     status: u16,
+    /// Index into [`crate::metrics::ROUTES`].
+    route: usize,
     bytes: u64,
 }
 
@@ -401,6 +403,7 @@ impl RequestGuard {
             referer,
             user_agent,
             status: 499,
+            route: crate::metrics::route_of(request.uri().path()),
             bytes: 0,
         }
     }
@@ -409,6 +412,13 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.shared.slot.request_finished();
+        if self.shared.config.metrics {
+            self.shared.slot.metrics.record_request(
+                self.route,
+                self.status,
+                self.started.elapsed(),
+            );
+        }
         self.conn.in_flight.set(self.conn.in_flight.get() - 1);
         self.conn.last_done.set(Instant::now());
         self.shared.access_log.write(&Entry {

@@ -6,6 +6,7 @@ mod cli;
 mod lifecycle;
 mod limits;
 mod llm;
+mod metrics;
 mod ops;
 mod rag;
 mod reload;

@@ -1,0 +1,278 @@
+//! `/metrics` (Prometheus text format 0.0.4) and `/status` (JSON), both for the whole pool,
+//! read from the shared scoreboard by whichever worker the request lands on. Recording of
+//! answer events (tokens, stage timings, upstream errors) happens here too.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use crate::metrics::{MetricCells, BACKENDS, BUCKETS, CAUSES, ROUTES, STAGES, STATUSES};
+use crate::rag::engine::Event;
+use crate::rag::StoreStats;
+use crate::scoreboard::{unix_ms, Scoreboard, SlotState, WorkerView};
+
+/// Counts what an answer event says about the RAG path.
+pub fn observe(cells: &MetricCells, event: &Event) {
+    match event {
+        Event::Token(_) => cells.add_tokens(1),
+        Event::Done {
+            timings,
+            upstream_error,
+            ..
+        } => {
+            let ms = |v: f64| std::time::Duration::from_secs_f64(v.max(0.0) / 1000.0);
+            if timings.embed_ms > 0.0 {
+                cells.record_stage("embed", ms(timings.embed_ms));
+            }
+            cells.record_stage("retrieve", ms(timings.retrieve_ms));
+            cells.record_stage("generate", ms(timings.generate_ms));
+            if let Some(first) = timings.first_token_ms {
+                cells.record_stage("first_token", ms(first));
+            }
+            if let Some(backend) = upstream_error {
+                cells.upstream_error(backend);
+            }
+        }
+        Event::Error { backend, .. } => cells.upstream_error(backend),
+        Event::Sources(_) => {}
+    }
+}
+
+fn state_name(state: SlotState) -> &'static str {
+    match state {
+        SlotState::Free => "free",
+        SlotState::Booting => "booting",
+        SlotState::Ready => "ready",
+        SlotState::Draining => "draining",
+    }
+}
+
+/// The exposition. `store` is None when the store could not be counted.
+pub fn prometheus(board: &Scoreboard, store: Option<StoreStats>) -> String {
+    let (totals, workers) = board.snapshot();
+    let header = board.header();
+    let info = header.info();
+    let mut out = String::with_capacity(16 * 1024);
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+
+    family(
+        &mut out,
+        "ragpool_http_requests_total",
+        "counter",
+        "HTTP requests answered by the pool, by route and status.",
+    );
+    for (r, route) in ROUTES.iter().enumerate() {
+        for (s, status) in STATUSES.iter().enumerate() {
+            let n = totals.requests(r, s);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "ragpool_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "ragpool_http_request_duration_seconds",
+        "histogram",
+        "Time from request head to the end of the response body.",
+    );
+    for (r, route) in ROUTES.iter().enumerate() {
+        histogram(
+            &mut out,
+            "ragpool_http_request_duration_seconds",
+            &format!("route=\"{route}\""),
+            totals.duration(r),
+        );
+    }
+    family(
+        &mut out,
+        "ragpool_http_requests_in_flight",
+        "gauge",
+        "Requests being answered now.",
+    );
+    let _ = writeln!(
+        out,
+        "ragpool_http_requests_in_flight {}",
+        workers.iter().map(|w| w.in_flight).sum::<u64>()
+    );
+    family(
+        &mut out,
+        "ragpool_connections",
+        "gauge",
+        "Client connections open now.",
+    );
+    let _ = writeln!(
+        out,
+        "ragpool_connections {}",
+        workers.iter().map(|w| w.connections).sum::<u64>()
+    );
+
+    family(
+        &mut out,
+        "ragpool_worker_restarts_total",
+        "counter",
+        "Workers replaced, by cause.",
+    );
+    for (c, cause) in CAUSES.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ragpool_worker_restarts_total{{cause=\"{cause}\"}} {}",
+            header.restarts(c)
+        );
+    }
+    family(
+        &mut out,
+        "ragpool_generation",
+        "gauge",
+        "The serving generation (incremented by each successful reload).",
+    );
+    let _ = writeln!(out, "ragpool_generation {}", info.generation);
+    family(
+        &mut out,
+        "ragpool_workers_up",
+        "gauge",
+        "Workers serving now.",
+    );
+    let ready: Vec<&WorkerView> = workers
+        .iter()
+        .filter(|w| w.state == SlotState::Ready)
+        .collect();
+    let _ = writeln!(out, "ragpool_workers_up {}", ready.len());
+    family(
+        &mut out,
+        "ragpool_last_reload_timestamp_seconds",
+        "gauge",
+        "When the last reload ended (0: none yet).",
+    );
+    let _ = writeln!(
+        out,
+        "ragpool_last_reload_timestamp_seconds {}",
+        info.last_reload_unix_ms as f64 / 1000.0
+    );
+    family(
+        &mut out,
+        "ragpool_last_reload_success",
+        "gauge",
+        "1 if the last reload succeeded, 0 if it failed or none happened.",
+    );
+    let _ = writeln!(
+        out,
+        "ragpool_last_reload_success {}",
+        u8::from(info.last_reload_ok == Some(true))
+    );
+    family(
+        &mut out,
+        "ragpool_worker_resident_memory_bytes",
+        "gauge",
+        "Resident memory of each worker.",
+    );
+    for w in &workers {
+        let _ = writeln!(
+            out,
+            "ragpool_worker_resident_memory_bytes{{pid=\"{}\",slot=\"{}\"}} {}",
+            w.pid, w.slot, w.rss_bytes
+        );
+    }
+
+    family(
+        &mut out,
+        "ragpool_rag_stage_duration_seconds",
+        "histogram",
+        "RAG pipeline stages: embed, retrieve, generate, first_token.",
+    );
+    for (s, stage) in STAGES.iter().enumerate() {
+        histogram(
+            &mut out,
+            "ragpool_rag_stage_duration_seconds",
+            &format!("stage=\"{stage}\""),
+            totals.stage(s),
+        );
+    }
+    family(
+        &mut out,
+        "ragpool_rag_tokens_streamed_total",
+        "counter",
+        "Answer tokens streamed to clients.",
+    );
+    let _ = writeln!(out, "ragpool_rag_tokens_streamed_total {}", totals.tokens());
+    family(
+        &mut out,
+        "ragpool_upstream_errors_total",
+        "counter",
+        "Failed calls to upstreams, by backend.",
+    );
+    for (b, backend) in BACKENDS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ragpool_upstream_errors_total{{backend=\"{backend}\"}} {}",
+            totals.upstream_errors(b)
+        );
+    }
+    if let Some(stats) = store {
+        family(
+            &mut out,
+            "ragpool_store_documents",
+            "gauge",
+            "Documents in the store.",
+        );
+        let _ = writeln!(out, "ragpool_store_documents {}", stats.documents);
+        family(
+            &mut out,
+            "ragpool_store_chunks",
+            "gauge",
+            "Chunks in the store.",
+        );
+        let _ = writeln!(out, "ragpool_store_chunks {}", stats.chunks);
+    }
+    out
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, (buckets, sum_us): (&[u64], u64)) {
+    let mut cumulative = 0;
+    for (i, count) in buckets.iter().enumerate() {
+        cumulative += count;
+        let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+}
+
+/// `/status`: mod_status for the pool.
+pub fn status(board: &Scoreboard, config_path: Option<&std::path::Path>) -> Value {
+    let (totals, workers) = board.snapshot();
+    let info = board.header().info();
+    let now = unix_ms();
+    let requests: u64 = (0..ROUTES.len())
+        .flat_map(|r| (0..STATUSES.len()).map(move |s| (r, s)))
+        .map(|(r, s)| totals.requests(r, s))
+        .sum();
+    json!({
+        "master_pid": info.master_pid,
+        "uptime_seconds": now.saturating_sub(info.started_unix_ms) as f64 / 1000.0,
+        "config_path": config_path.map(|p| p.display().to_string()),
+        "config_loaded_unix": info.config_loaded_unix_ms as f64 / 1000.0,
+        "generation": info.generation,
+        "last_reload": match info.last_reload_ok {
+            None => Value::Null,
+            Some(ok) => json!({ "ok": ok, "unix": info.last_reload_unix_ms as f64 / 1000.0 }),
+        },
+        "requests_total": requests,
+        "workers": workers.iter().map(|w| json!({
+            "pid": w.pid,
+            "slot": w.slot,
+            "generation": w.generation,
+            "state": state_name(w.state),
+            "age_seconds": w.age_ms as f64 / 1000.0,
+            "requests": w.requests,
+            "in_flight": w.in_flight,
+            "connections": w.connections,
+            "last_heartbeat_seconds_ago": w.heartbeat_ms_ago as f64 / 1000.0,
+            "rss_bytes": w.rss_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,214 @@
+//! `ragpool status`: asks a running pool for `/status` over its own listening address and
+//! renders the answer as a table for the terminal.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::{BindAddr, Config};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("no ragpool answers at {addr}: {source} (is it running with this config?)")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} answered {status}: {body}")]
+    Refused {
+        addr: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{addr} sent something that is not a ragpool status: {reason}")]
+    Malformed { addr: String, reason: String },
+}
+
+/// Fetches `/status` from the first `bind` address that answers.
+pub fn fetch(config: &Config) -> Result<Value, StatusError> {
+    let mut last = None;
+    for addr in &config.bind {
+        match fetch_from(addr) {
+            Ok(value) => return Ok(value),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| StatusError::Malformed {
+        addr: "-".into(),
+        reason: "no bind address".into(),
+    }))
+}
+
+fn fetch_from(addr: &BindAddr) -> Result<Value, StatusError> {
+    let shown = addr.to_string();
+    let connect_error = |source| StatusError::Connect {
+        addr: shown.clone(),
+        source,
+    };
+    let request = b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let mut raw = Vec::new();
+    match addr {
+        BindAddr::Tcp(sock) => {
+            let mut stream =
+                TcpStream::connect_timeout(&reachable(*sock), TIMEOUT).map_err(connect_error)?;
+            stream
+                .set_read_timeout(Some(TIMEOUT))
+                .map_err(connect_error)?;
+            stream.write_all(request).map_err(connect_error)?;
+            stream.read_to_end(&mut raw).map_err(connect_error)?;
+        }
+        BindAddr::Unix(path) => {
+            let mut stream = UnixStream::connect(path).map_err(connect_error)?;
+            stream
+                .set_read_timeout(Some(TIMEOUT))
+                .map_err(connect_error)?;
+            stream.write_all(request).map_err(connect_error)?;
+            stream.read_to_end(&mut raw).map_err(connect_error)?;
+        }
+    }
+    let malformed = |reason: &str| StatusError::Malformed {
+        addr: shown.clone(),
+        reason: reason.into(),
+    };
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| malformed("no HTTP head"))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| malformed("no status"))?;
+    let body = String::from_utf8_lossy(&raw[split + 4..]).into_owned();
+    if status != 200 {
+        return Err(StatusError::Refused {
+            addr: shown,
+            status,
+            body,
+        });
+    }
+    serde_json::from_str(&body).map_err(|e| malformed(&e.to_string()))
+}
+
+/// A wildcard bind is reached on the loopback address of its family.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// The status as a terminal table.
+pub fn render(status: &Value) -> String {
+    let mut out = String::new();
+    let num = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "master {}  up {}  generation {}  requests {}",
+        status["master_pid"],
+        duration(num(&status["uptime_seconds"])),
+        status["generation"],
+        status["requests_total"]
+    );
+    let _ = writeln!(
+        out,
+        "config {}",
+        status["config_path"]
+            .as_str()
+            .unwrap_or("(built-in defaults)")
+    );
+    match &status["last_reload"] {
+        Value::Null => out.push_str("last reload: none\n"),
+        r => {
+            let _ = writeln!(
+                out,
+                "last reload: {}",
+                if r["ok"].as_bool() == Some(true) {
+                    "ok"
+                } else {
+                    "failed"
+                }
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>8} {:>4} {:>4} {:<9} {:>9} {:>10} {:>9} {:>6} {:>10} {:>9}",
+        "PID", "SLOT", "GEN", "STATE", "AGE", "REQUESTS", "INFLIGHT", "CONNS", "HEARTBEAT", "RSS"
+    );
+    for w in status["workers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:>8} {:>4} {:>4} {:<9} {:>9} {:>10} {:>9} {:>6} {:>9.1}s {:>8}M",
+            w["pid"],
+            w["slot"],
+            w["generation"],
+            w["state"].as_str().unwrap_or("?"),
+            duration(num(&w["age_seconds"])),
+            w["requests"],
+            w["in_flight"],
+            w["connections"],
+            num(&w["last_heartbeat_seconds_ago"]),
+            (num(&w["rss_bytes"]) / (1024.0 * 1024.0)).round()
+        );
+    }
+    out
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_row_per_worker() {
+        let status = serde_json::json!({
+            "master_pid": 10, "uptime_seconds": 3725.0, "generation": 2, "requests_total": 5,
+            "config_path": "/etc/ragpool/workers.toml", "last_reload": {"ok": true, "unix": 1.0},
+            "workers": [
+                {"pid": 11, "slot": 0, "generation": 2, "state": "ready", "age_seconds": 61.0, "requests": 3,
+                 "in_flight": 1, "connections": 2, "last_heartbeat_seconds_ago": 0.2, "rss_bytes": 20971520},
+                {"pid": 12, "slot": 1, "generation": 2, "state": "draining", "age_seconds": 5.0, "requests": 2,
+                 "in_flight": 0, "connections": 0, "last_heartbeat_seconds_ago": 0.1, "rss_bytes": 10485760}
+            ]
+        });
+        let text = render(&status);
+        assert!(
+            text.starts_with("master 10  up 1h02m  generation 2  requests 5"),
+            "{text}"
+        );
+        assert!(text.contains("last reload: ok"));
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("ready") || l.contains("draining"))
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].trim_start().starts_with("11"));
+        assert!(
+            rows[0].contains("1m01s") && rows[0].ends_with("20M"),
+            "{}",
+            rows[0]
+        );
+    }
+}
