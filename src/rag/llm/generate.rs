@@ -4,7 +4,7 @@
 //! Owns the request shapes and the three bounds of a generation: connecting
 //! (`connect_timeout`, reqwest's), the first token (`first_token_timeout`, which also covers
 //! waiting for response headers) and the whole answer (`timeout`). Does not build prompts,
-//! never retries, and holds no concurrency cap (`[llm] max_concurrent` is the caller's).
+//! never retries, and holds no concurrency cap.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
