@@ -42,9 +42,8 @@ impl BindAddr {
             return Ok(BindAddr::Tcp(addr));
         }
         // A bare host (or bracketed v6) gets the default port, as in Gunicorn.
-        let with_port = if spec.starts_with('[') && spec.ends_with(']') {
-            format!("{spec}:{DEFAULT_PORT}")
-        } else if !spec.contains(':') {
+        let bare_v6 = spec.starts_with('[') && spec.ends_with(']');
+        let with_port = if bare_v6 || !spec.contains(':') {
             format!("{spec}:{DEFAULT_PORT}")
         } else {
             spec.to_string()

@@ -495,7 +495,7 @@ fn seconds(
     default: f64,
 ) -> Result<Duration, ConfigError> {
     let secs = raw.map(RawSeconds::as_f64).unwrap_or(default);
-    if !secs.is_finite() || secs < 0.0 || secs > 366.0 * 86400.0 {
+    if !secs.is_finite() || !(0.0..=366.0 * 86400.0).contains(&secs) {
         return Err(loader.invalid(key, format!("{secs} is not a sensible number of seconds")));
     }
     Ok(Duration::from_secs_f64(secs))

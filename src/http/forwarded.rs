@@ -50,7 +50,7 @@ pub fn client(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &TrustedProxie
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-        .last();
+        .next_back();
     let https = headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())

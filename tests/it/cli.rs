@@ -84,3 +84,15 @@ fn version_is_printed() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn check_accepts_the_container_config() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/docker/workers.toml"
+    ))
+    .unwrap();
+    let (code, stdout, stderr) = check(&doc);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("bind = [\"0.0.0.0:8000\"]"), "{stdout}");
+}

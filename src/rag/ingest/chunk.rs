@@ -158,7 +158,7 @@ fn is_heading(line: &str) -> bool {
         && line[hashes..]
             .chars()
             .next()
-            .map_or(true, char::is_whitespace)
+            .is_none_or(char::is_whitespace)
 }
 
 fn chars(text: &str) -> usize {
