@@ -62,6 +62,9 @@ pub struct Slot {
     pub rss_kib: AtomicU64,
     /// This worker's share of the pool metrics.
     pub metrics: MetricCells,
+    /// Gate places this worker holds and waits for, given back by the master if it dies.
+    llm_held: AtomicU64,
+    llm_waiting: AtomicU64,
 }
 
 impl Slot {
@@ -78,6 +81,8 @@ impl Slot {
         self.boot_error_len.store(0, Ordering::Relaxed);
         self.rss_kib.store(0, Ordering::Relaxed);
         self.metrics.reset();
+        self.llm_held.store(0, Ordering::Relaxed);
+        self.llm_waiting.store(0, Ordering::Relaxed);
         self.state
             .store(SlotState::Booting as u32, Ordering::Release);
     }
@@ -214,6 +219,13 @@ pub struct PoolHeader {
     last_reload_unix_ms: AtomicU64,
     /// 0 = none yet, 1 = ok, 2 = failed or rejected.
     last_reload_result: AtomicU64,
+    /// Pool-wide LLM gate (`[llm] max_concurrent`): generations running now,
+    llm_active: AtomicU64,
+    /// tickets handed to waiters so far,
+    llm_tickets: AtomicU64,
+    /// and tickets that have left the line (admitted or given up): a waiter's place is
+    /// its ticket minus this.
+    llm_left_line: AtomicU64,
 }
 
 /// Master facts as the header holds them.
@@ -365,6 +377,13 @@ impl Scoreboard {
         header.seq.fetch_add(1, Ordering::AcqRel);
         let slot = self.slot(index);
         slot.metrics.fold_into(&header.retired);
+        // A worker that died mid-generation or in line must not keep its gate places.
+        header
+            .llm_active
+            .fetch_sub(slot.llm_held.swap(0, Ordering::AcqRel), Ordering::AcqRel);
+        header
+            .llm_left_line
+            .fetch_add(slot.llm_waiting.swap(0, Ordering::AcqRel), Ordering::AcqRel);
         slot.release();
         header.seq.fetch_add(1, Ordering::AcqRel);
     }
@@ -407,6 +426,87 @@ impl Scoreboard {
             }
         }
         (Snapshot::default(), Vec::new())
+    }
+}
+
+/// The pool-wide cap on concurrent LLM generations, shared by every worker. Admission is a
+/// compare-and-swap on the active count, so the cap is never exceeded; the place in line is
+/// approximate (workers poll), which is what a waiting user needs to see.
+pub struct LlmGate {
+    board: &'static Scoreboard,
+    slot: &'static Slot,
+    max: u64,
+}
+
+impl LlmGate {
+    pub fn new(board: &'static Scoreboard, slot: &'static Slot, max: usize) -> LlmGate {
+        LlmGate {
+            board,
+            slot,
+            max: max as u64,
+        }
+    }
+
+    /// Joins the line; returns the ticket.
+    pub fn enqueue(&self) -> u64 {
+        self.slot.llm_waiting.fetch_add(1, Ordering::AcqRel);
+        self.board
+            .header()
+            .llm_tickets
+            .fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Starts a generation if fewer than `max` run; the caller must `release` afterwards.
+    pub fn try_admit(&self) -> bool {
+        let header = self.board.header();
+        let mut active = header.llm_active.load(Ordering::Acquire);
+        while active < self.max {
+            match header.llm_active.compare_exchange(
+                active,
+                active + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.slot.llm_held.fetch_add(1, Ordering::AcqRel);
+                    self.leave_line();
+                    return true;
+                }
+                Err(now) => active = now,
+            }
+        }
+        false
+    }
+
+    /// 1 = next in line.
+    pub fn position(&self, ticket: u64) -> u64 {
+        ticket.saturating_sub(self.board.header().llm_left_line.load(Ordering::Acquire)) + 1
+    }
+
+    /// Gives up a place in line (the client went away).
+    pub fn abandon(&self) {
+        self.leave_line();
+    }
+
+    fn leave_line(&self) {
+        self.slot.llm_waiting.fetch_sub(1, Ordering::AcqRel);
+        self.board
+            .header()
+            .llm_left_line
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Ends an admitted generation.
+    pub fn release(&self) {
+        self.slot.llm_held.fetch_sub(1, Ordering::AcqRel);
+        self.board
+            .header()
+            .llm_active
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn active(&self) -> u64 {
+        self.board.header().llm_active.load(Ordering::Acquire)
     }
 }
 
@@ -468,6 +568,28 @@ mod tests {
         board.slot(0).set_boot_error(&long);
         let kept = board.slot(0).boot_error().unwrap();
         assert!(kept.len() <= BOOT_ERROR_LEN && kept.chars().all(|c| c == 'я'));
+    }
+
+    #[test]
+    fn the_llm_gate_caps_admission_and_a_dead_workers_places_come_back() {
+        let board: &'static Scoreboard = Box::leak(Box::new(Scoreboard::new(2).unwrap()));
+        board.slot(0).claim(1);
+        board.slot(1).claim(1);
+        let (a, b) = (
+            LlmGate::new(board, board.slot(0), 1),
+            LlmGate::new(board, board.slot(1), 1),
+        );
+        let (ta, tb) = (a.enqueue(), b.enqueue());
+        assert!(a.try_admit());
+        assert!(!b.try_admit(), "the cap is 1");
+        assert_eq!(b.position(tb), 1, "b is next once a left the line");
+        assert_eq!(ta, 0);
+        // Worker 0 dies mid-generation: the master gives its place back.
+        board.retire_slot(0);
+        assert_eq!(a.active(), 0);
+        assert!(b.try_admit());
+        b.release();
+        assert_eq!(b.active(), 0);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct LlmConfig {
     pub first_token_timeout: Duration,
     pub temperature: f64,
     pub max_tokens: u32,
+    /// Pool-wide cap on concurrent generations (0 = none), e.g. Ollama's OLLAMA_NUM_PARALLEL;
+    /// the others wait in line and are told their place.
+    pub max_concurrent: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +218,7 @@ pub fn llm(raw: RawLlm) -> Result<LlmConfig, TableError> {
         first_token_timeout: secs("first_token_timeout", raw.first_token_timeout, 60.0)?,
         temperature,
         max_tokens: int("max_tokens", raw.max_tokens, 512, 1, 1 << 20)? as u32,
+        max_concurrent: int("max_concurrent", raw.max_concurrent, 0, 0, 100_000)?,
     })
 }
 

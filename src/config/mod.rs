@@ -383,6 +383,7 @@ const ALL_KEYS: &[&str] = &[
     "first_token_timeout",
     "temperature",
     "max_tokens",
+    "max_concurrent",
     "chunk_size",
     "chunk_overlap",
     "top_k",

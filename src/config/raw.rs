@@ -124,6 +124,7 @@ pub struct RawLlm {
     pub first_token_timeout: Option<RawSeconds>,
     pub temperature: Option<f64>,
     pub max_tokens: Option<i64>,
+    pub max_concurrent: Option<i64>,
 }
 
 /// `[rag]`: chunking, retrieval and question limits.

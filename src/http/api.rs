@@ -131,6 +131,7 @@ impl Api {
             }
             match event {
                 Event::Sources(sources) => answer.sources = sources,
+                Event::Queued { .. } => {}
                 Event::Token(text) => answer.answer.push_str(&text),
                 Event::Done { mode, timings, .. } => {
                     answer.mode = mode;

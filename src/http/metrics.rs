@@ -34,7 +34,7 @@ pub fn observe(cells: &MetricCells, event: &Event) {
             }
         }
         Event::Error { backend, .. } => cells.upstream_error(backend),
-        Event::Sources(_) => {}
+        Event::Sources(_) | Event::Queued { .. } => {}
     }
 }
 

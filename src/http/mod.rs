@@ -94,7 +94,12 @@ impl App {
         board: &'static crate::scoreboard::Scoreboard,
         slot: &'static crate::scoreboard::Slot,
     ) -> Result<App, AppError> {
-        let rag = Rc::new(crate::rag::engine::Rag::open(config).await?);
+        let mut rag = crate::rag::engine::Rag::open(config).await?;
+        if config.llm.max_concurrent > 0 {
+            let gate = crate::scoreboard::LlmGate::new(board, slot, config.llm.max_concurrent);
+            rag.set_gate(Box::new(gate));
+        }
+        let rag = Rc::new(rag);
         Ok(App {
             api: api::Api {
                 rag,
@@ -116,5 +121,23 @@ impl App {
             Ok(response) => response,
             Err(error) => error.into_response(),
         }
+    }
+}
+
+impl crate::rag::engine::GenerationGate for crate::scoreboard::LlmGate {
+    fn enqueue(&self) -> u64 {
+        crate::scoreboard::LlmGate::enqueue(self)
+    }
+    fn try_admit(&self) -> bool {
+        crate::scoreboard::LlmGate::try_admit(self)
+    }
+    fn position(&self, ticket: u64) -> u64 {
+        crate::scoreboard::LlmGate::position(self, ticket)
+    }
+    fn abandon(&self) {
+        crate::scoreboard::LlmGate::abandon(self)
+    }
+    fn release(&self) {
+        crate::scoreboard::LlmGate::release(self)
     }
 }

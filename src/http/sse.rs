@@ -17,6 +17,7 @@ use crate::rag::engine::Event;
 pub fn encode(event: &Event) -> Bytes {
     let (name, data) = match event {
         Event::Sources(sources) => ("sources", json!({ "sources": sources })),
+        Event::Queued { position } => ("queued", json!({ "position": position })),
         Event::Token(text) => ("token", json!({ "text": text })),
         Event::Done { mode, timings, .. } => ("done", json!({ "mode": mode, "timings": timings })),
         Event::Error { message, .. } => ("error", json!({ "error": message })),

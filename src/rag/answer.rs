@@ -114,8 +114,7 @@ pub fn extractive_answer(
 
 /// The sentence run (up to `max_chars`) with the most query stems.
 fn best_excerpt(text: &str, query: &[String], stems: &Stems, max_chars: usize) -> String {
-    let sentences: Vec<&str> = text
-        .split_inclusive(['.', '!', '?', '\n'])
+    let sentences: Vec<&str> = sentences(text)
         // Markdown heading markers and list bullets are layout, not words.
         .map(|s| s.trim().trim_start_matches(['#', '-', '*', '>']).trim())
         .filter(|s| !s.is_empty())
@@ -142,6 +141,29 @@ fn best_excerpt(text: &str, query: &[String], stems: &Stems, max_chars: usize) -
         excerpt = excerpt.chars().take(max_chars).collect::<String>() + "…";
     }
     excerpt
+}
+
+/// Splits after `.`, `!` or `?` followed by white space, and at line ends, so `backup.sh` and
+/// `3.5` stay whole.
+fn sentences(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut chars = rest.char_indices().peekable();
+        let mut end = rest.len();
+        while let Some((i, c)) = chars.next() {
+            let next_is_space = chars.peek().is_none_or(|(_, n)| n.is_whitespace());
+            if c == '\n' || (matches!(c, '.' | '!' | '?') && next_is_space) {
+                end = i + c.len_utf8();
+                break;
+            }
+        }
+        let (sentence, tail) = rest.split_at(end);
+        rest = tail;
+        Some(sentence)
+    })
 }
 
 /// Wraps every word whose stem is in the query in `**`.
@@ -174,6 +196,18 @@ mod tests {
             text: text.into(),
             score: 1.0,
         }
+    }
+
+    #[test]
+    fn sentences_keep_file_names_and_numbers_whole() {
+        let found: Vec<&str> = sentences("Run backup.sh nightly. Version 3.5 works!\nNext line")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        assert_eq!(
+            found,
+            vec!["Run backup.sh nightly.", "Version 3.5 works!", "Next line"]
+        );
     }
 
     #[test]

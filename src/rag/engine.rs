@@ -76,6 +76,10 @@ pub struct Timings {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Sources(Vec<Source>),
+    /// Waiting for the LLM: `position` 1 is next in line.
+    Queued {
+        position: u64,
+    },
     Token(String),
     /// `upstream_error` names the LLM backend when it failed and the answer fell back.
     Done {
@@ -124,6 +128,8 @@ pub struct Rag {
     config: crate::config::RagConfig,
     /// "ollama", "openai" or "none": the label of LLM errors in metrics.
     llm_backend: &'static str,
+    /// The pool-wide cap on concurrent generations, when the caller set one.
+    gate: Option<Box<dyn GenerationGate>>,
     /// The last LLM probe: when, and whether it answered.
     llm_probe: RefCell<Option<(Instant, Result<(), String>)>>,
 }
@@ -151,7 +157,13 @@ impl Rag {
                 Provider::None => "none",
             },
             llm_probe: RefCell::new(None),
+            gate: None,
         })
+    }
+
+    /// Caps concurrent generations with a gate shared by the pool.
+    pub fn set_gate(&mut self, gate: Box<dyn GenerationGate>) {
+        self.gate = Some(gate);
     }
 
     pub fn store(&self) -> &Store {
@@ -372,6 +384,13 @@ impl Rag {
                 content: answer::user_prompt(question, hits),
             },
         ];
+        let _admission = match &self.gate {
+            None => None,
+            Some(gate) => match wait_in_line(gate.as_ref(), events).await {
+                Some(admission) => Some(admission),
+                None => return Generation::ReceiverGone,
+            },
+        };
         let mut tokens = tokio::select! {
             stream = generator.stream(&messages) => match stream {
                 Ok(tokens) => tokens,
@@ -493,6 +512,61 @@ impl Rag {
     }
 }
 
+/// A cap on concurrent generations shared with other processes (the pool's), provided by the
+/// caller: the engine only waits in line, reports its place, and releases when done.
+pub trait GenerationGate {
+    /// Joins the line; returns a ticket.
+    fn enqueue(&self) -> u64;
+    /// True when a generation may start now (then `release` must follow).
+    fn try_admit(&self) -> bool;
+    /// The ticket's place in line, 1 = next.
+    fn position(&self, ticket: u64) -> u64;
+    /// Leaves the line without starting.
+    fn abandon(&self);
+    fn release(&self);
+}
+
+/// How often a waiting answer checks for a free place.
+const GATE_POLL: Duration = Duration::from_millis(50);
+
+/// Releases an admitted place when the generation ends, however it ends.
+struct Admission<'a>(&'a dyn GenerationGate);
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// Waits for a place, telling the client its position; `None` if the client left first.
+async fn wait_in_line<'a>(
+    gate: &'a dyn GenerationGate,
+    events: &mpsc::Sender<Event>,
+) -> Option<Admission<'a>> {
+    let ticket = gate.enqueue();
+    let mut told = 0;
+    loop {
+        if gate.try_admit() {
+            return Some(Admission(gate));
+        }
+        let position = gate.position(ticket);
+        if position != told {
+            told = position;
+            if events.send(Event::Queued { position }).await.is_err() {
+                gate.abandon();
+                return None;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GATE_POLL) => {}
+            _ = events.closed() => {
+                gate.abandon();
+                return None;
+            }
+        }
+    }
+}
+
 enum Generation {
     Finished,
     ReceiverGone,
@@ -501,7 +575,8 @@ enum Generation {
 }
 
 fn snippet(text: &str) -> String {
-    let text = text.trim();
+    // A chunk often starts with its Markdown heading; the title is shown beside it anyway.
+    let text = text.trim().trim_start_matches('#').trim_start();
     if text.chars().count() <= SNIPPET_CHARS {
         return text.to_string();
     }

@@ -25,6 +25,7 @@ fn llm_config(provider: Provider, url: &str) -> LlmConfig {
         first_token_timeout: Duration::from_secs(10),
         temperature: 0.0,
         max_tokens: 64,
+        max_concurrent: 0,
     }
 }
 

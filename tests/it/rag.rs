@@ -636,3 +636,63 @@ fn a_real_llama_cpp_server_answers_end_to_end_over_the_openai_protocol() {
     assert!(!text.trim().is_empty());
     assert_eq!(events[0].1["sources"][0]["title"], "Reload");
 }
+
+#[test]
+fn a_pool_wide_cap_on_generations_queues_the_rest_and_tells_them_their_place() {
+    let fake = FakeOllama::with(FakeOptions {
+        tokens: 4,
+        answer_duration: Duration::from_millis(1500),
+        ..FakeOptions::default()
+    });
+    let tables = fake_llm_tables(&fake).replace(
+        "first_token_timeout = 5\n",
+        "first_token_timeout = 5\nmax_concurrent = 2\n",
+    );
+    let server = ServerProcess::start(&app_config(2, "admin_token = \"t\"", &tables));
+    let addr = server.addr();
+    seed(&addr);
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                post_json(
+                    &addr,
+                    "/api/ask/stream",
+                    &json!({ "question": format!("reload {i}?") }),
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    let responses: Vec<http::Response> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let mut queued_positions = Vec::new();
+    for response in &responses {
+        let events = sse_events(&response.body);
+        assert_eq!(
+            events.last().map(|(n, _)| n.as_str()),
+            Some("done"),
+            "{}",
+            response.body
+        );
+        queued_positions.extend(
+            events
+                .iter()
+                .filter(|(n, _)| n == "queued")
+                .map(|(_, d)| d["position"].as_u64().unwrap()),
+        );
+    }
+    let counters = fake.counters();
+    assert_eq!(counters.chat_completed, 6, "{counters:?}");
+    assert_eq!(
+        counters.max_concurrent_streams, 2,
+        "never more than max_concurrent at once: {counters:?}"
+    );
+    assert!(
+        !queued_positions.is_empty(),
+        "waiting answers were told their place"
+    );
+    assert!(
+        queued_positions.iter().all(|p| (1..=6).contains(p)),
+        "{queued_positions:?}"
+    );
+}
