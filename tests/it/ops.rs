@@ -292,3 +292,41 @@ fn x_forwarded_for_is_believed_only_from_trusted_peers() {
     );
     assert_eq!(first_field(&distrusting), "127.0.0.1");
 }
+
+#[test]
+fn the_master_loop_pets_systemds_watchdog_at_half_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let notify = path.display().to_string();
+    let _server = ServerProcess::launch(
+        &config(1, ""),
+        Launch {
+            env: &[
+                ("NOTIFY_SOCKET", notify.as_str()),
+                ("WATCHDOG_USEC", "400000"),
+            ],
+            ..Launch::default()
+        },
+    );
+    let mut seen = Vec::new();
+    assert!(read_until(&socket, "READY=1", &mut seen));
+    let started = Instant::now();
+    let mut pets = 0;
+    while pets < 5 && started.elapsed() < BOUND {
+        let mut more = Vec::new();
+        if read_until(&socket, "WATCHDOG=1", &mut more) {
+            pets += 1;
+        }
+    }
+    assert_eq!(pets, 5);
+    // Every 200 ms (half of 400 ms), give or take a loop tick: well under 5 x 400 ms.
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+}

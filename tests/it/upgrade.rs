@@ -144,3 +144,58 @@ fn a_new_binary_that_cannot_boot_leaves_the_old_master_serving() {
         server.logs()
     );
 }
+
+#[test]
+fn an_upgrade_hands_systemd_the_new_main_pid_and_never_says_stopping() {
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let notify = notify_path.display().to_string();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let binary = installed_copy(bin_dir.path());
+    let server = ServerProcess::launch(
+        &config(1, "pidfile = \"{dir}/ragpool.pid\"\n"),
+        Launch {
+            binary: Some(&binary),
+            env: &[("NOTIFY_SOCKET", notify.as_str())],
+            ..Launch::default()
+        },
+    );
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut read_until = |needle: &str, messages: &mut Vec<String>| {
+        wait_until(BOUND, || {
+            if let Ok(n) = socket.recv(&mut buf) {
+                messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            messages.iter().any(|m| m.contains(needle))
+        })
+    };
+    assert!(read_until("READY=1", &mut messages), "{messages:?}");
+    server.signal(Signal::SIGUSR2);
+    assert!(
+        read_until("MAINPID=", &mut messages),
+        "{messages:?}\n{}",
+        server.logs()
+    );
+    let announced: i32 = messages
+        .iter()
+        .find_map(|m| m.lines().find_map(|l| l.strip_prefix("MAINPID=")))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(announced, server.pid());
+    assert_eq!(read_pid(&server.path("ragpool.pid")), Some(announced));
+    // The old master drains and exits without telling systemd the service is stopping.
+    assert!(wait_until(BOUND, || !is_running(server.pid())));
+    while let Ok(n) = socket.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        !messages.iter().any(|m| m.contains("STOPPING=1")),
+        "{messages:?}"
+    );
+}
