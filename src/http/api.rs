@@ -328,13 +328,15 @@ impl Api {
         }
     }
 
-    /// `/metrics` and `/status`: loopback (or unix-socket) clients that did not come through a
-    /// proxy on someone else's behalf, or anyone with the admin token.
+    /// `/metrics` and `/status`: clients on this machine (loopback, unix socket, or a trusted
+    /// proxy saying so), or anyone with the admin token.
     fn authorize_internal(&self, request: &Request<Incoming>) -> Result<(), ApiError> {
         let local = request
             .extensions()
             .get::<Client>()
-            .is_some_and(|c| !c.forwarded && (c.ip.is_none() || c.is_loopback()));
+            // A forwarded address is only believed from a trusted proxy, so a loopback one
+            // means the proxy itself says the client is on this machine.
+            .is_some_and(|c| c.ip.is_none() || c.is_loopback());
         if local || self.bearer_matches(request) {
             Ok(())
         } else {

@@ -255,7 +255,8 @@ async fn serve_connection(
     tokio::pin!(conn);
     let keepalive = shared.config.keepalive.max(Duration::from_millis(1));
     let mut shutting_down = overloaded || draining;
-    let mut drain_after_first_request = false;
+    // While draining: close once a request beyond this count has started.
+    let mut close_after: Option<u64> = None;
     loop {
         let idle_deadline = if state.in_flight.get() > 0 || state.requests.get() == 0 {
             Instant::now() + keepalive
@@ -269,18 +270,25 @@ async fn serve_connection(
                 }
                 break;
             }
-            _ = stop.changed(), if !shutting_down && !drain_after_first_request => {
-                if state.requests.get() > 0 {
+            _ = stop.changed(), if !shutting_down && close_after.is_none() => {
+                if state.in_flight.get() > 0 {
+                    // Finish the request in flight (its response says Connection: close), then close.
                     conn.as_mut().graceful_shutdown();
                     shutting_down = true;
                 } else {
-                    // Not a request read yet: it may be sitting in our buffer. Serve it, then close.
-                    drain_after_first_request = true;
+                    // Idle (or not a request read yet): closing now would race a client — nginx's
+                    // upstream pool above all — that is sending its next request on this very
+                    // connection, and a POST is not retried. Serve that request with
+                    // Connection: close instead; if none comes, the keep-alive timer (or the
+                    // header timeout) closes the connection.
+                    close_after = Some(state.requests.get());
                 }
             }
-            _ = state.request_started.notified(), if drain_after_first_request && !shutting_down => {
-                conn.as_mut().graceful_shutdown();
-                shutting_down = true;
+            _ = state.request_started.notified(), if close_after.is_some() && !shutting_down => {
+                if close_after.is_some_and(|seen| state.requests.get() > seen) {
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
             }
             _ = tokio::time::sleep_until(idle_deadline), if !shutting_down => {
                 let idle = state.in_flight.get() == 0 && state.requests.get() > 0;

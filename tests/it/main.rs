@@ -8,9 +8,11 @@ mod lifecycle;
 mod limits;
 mod llm;
 mod metrics;
+mod nginx;
 mod ops;
 mod rag;
 mod reload;
+mod systemd;
 mod upgrade;
 
 /// A workers.toml for tests: loopback, kernel-chosen port, the given extra lines.

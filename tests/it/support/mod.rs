@@ -7,6 +7,7 @@ pub mod fake_ollama;
 pub mod http;
 pub mod llama;
 pub mod load;
+pub mod nginx;
 pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
