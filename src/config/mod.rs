@@ -329,47 +329,17 @@ fn translate_serde_error(message: &str, origin: Origin, key: Option<String>) -> 
 /// The keys serde listed as expected ("expected one of `a`, `b`"), as known static names.
 fn known_keys_in(message: &str) -> Vec<&'static str> {
     let listed = message.split("expected").nth(1).unwrap_or_default();
-    ALL_KEYS
-        .iter()
+    KEYS.iter()
+        .chain(raw::TABLES)
+        .chain(TABLE_KEYS)
         .copied()
         .filter(|k| listed.contains(&format!("`{k}`")))
         .collect()
 }
 
-/// Every key of every table, for suggestions.
-const ALL_KEYS: &[&str] = &[
-    "workers",
-    "bind",
-    "backlog",
-    "timeout",
-    "graceful_timeout",
-    "keepalive",
-    "max_requests",
-    "max_requests_jitter",
-    "max_worker_memory",
-    "worker_connections",
-    "limit_request_line",
-    "limit_request_fields",
-    "limit_request_field_size",
-    "max_body_size",
-    "header_timeout",
-    "accesslog",
-    "errorlog",
-    "loglevel",
-    "pidfile",
-    "reuse_port",
-    "unix_socket_mode",
-    "admin_token",
-    "metrics",
-    "user",
-    "group",
-    "umask",
-    "chdir",
-    "forwarded_allow_ips",
-    "store",
-    "embed",
-    "llm",
-    "rag",
+/// Keys inside the tables (`[store]`, `[embed]`, `[llm]`, `[rag]`), for suggestions; the
+/// top-level ones are [`KEYS`] and [`raw::TABLES`].
+const TABLE_KEYS: &[&str] = &[
     "backend",
     "path",
     "url",
@@ -379,6 +349,7 @@ const ALL_KEYS: &[&str] = &[
     "provider",
     "model",
     "dimensions",
+    "timeout",
     "connect_timeout",
     "first_token_timeout",
     "temperature",
@@ -773,6 +744,16 @@ mod tests {
         assert!(text.contains("workers.toml:2"), "{text}");
         assert!(text.contains("`wokers`"), "{text}");
         assert!(text.contains("did you mean `workers`"), "{text}");
+    }
+
+    #[test]
+    fn a_typo_inside_a_table_is_caught_with_its_line() {
+        let err = parse("workers = 1\n[llm]\nprovider = \"ollama\"\nmodle = \"x\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("workers.toml:4: unknown key `modle`"), "{text}");
+        assert!(text.contains("did you mean `model`"), "{text}");
+        let err = parse("[rag]\ntop_k = 0\n").unwrap_err();
+        assert!(err.to_string().starts_with("workers.toml:2: key `rag.top_k`"), "{err}");
     }
 
     #[test]
