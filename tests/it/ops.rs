@@ -11,6 +11,18 @@ use crate::support::{free_port, Launch, ServerProcess};
 
 const BOUND: Duration = Duration::from_secs(20);
 
+/// A test-owned `NOTIFY_SOCKET`: (its dir, kept alive; the socket; its path for the env).
+fn notify_socket() -> (tempfile::TempDir, UnixDatagram, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let notify = path.display().to_string();
+    (dir, socket, notify)
+}
+
 /// Reads datagrams until one contains `needle`; returns everything read.
 fn read_until(socket: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> bool {
     let deadline = Instant::now() + BOUND;
@@ -29,13 +41,7 @@ fn read_until(socket: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> bo
 
 #[test]
 fn the_master_speaks_systemds_notify_protocol_across_start_reload_and_stop() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let notify = path.display().to_string();
+    let (_dir, socket, notify) = notify_socket();
     let mut server = ServerProcess::launch(
         &config(2, ""),
         Launch {
@@ -88,13 +94,7 @@ fn the_master_speaks_systemds_notify_protocol_across_start_reload_and_stop() {
 
 #[test]
 fn a_rejected_reload_still_ends_with_ready_and_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let notify = path.display().to_string();
+    let (_dir, socket, notify) = notify_socket();
     let server = ServerProcess::launch(
         &config(1, ""),
         Launch {
@@ -295,13 +295,7 @@ fn x_forwarded_for_is_believed_only_from_trusted_peers() {
 
 #[test]
 fn the_master_loop_pets_systemds_watchdog_at_half_its_interval() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let notify = path.display().to_string();
+    let (_dir, socket, notify) = notify_socket();
     let _server = ServerProcess::launch(
         &config(1, ""),
         Launch {
