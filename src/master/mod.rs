@@ -532,11 +532,19 @@ impl Arbiter {
                 );
                 worker.recycle = Some(RecycleCause::MaxRequests);
             } else if max_mib > 0 {
-                if let Some(rss) = rss_mib(worker.pid) {
-                    if rss > max_mib {
-                        log::info!("Worker (pid: {}) uses {rss} MiB > max_worker_memory {max_mib}; recycling", worker.pid);
-                        worker.recycle = Some(RecycleCause::Memory);
-                    }
+                // Stamped by the worker's own heartbeat: no /proc read here.
+                let rss = self
+                    .scoreboard
+                    .slot(worker.slot)
+                    .rss_kib
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    / 1024;
+                if rss > max_mib {
+                    log::info!(
+                        "Worker (pid: {}) uses {rss} MiB > max_worker_memory {max_mib}; recycling",
+                        worker.pid
+                    );
+                    worker.recycle = Some(RecycleCause::Memory);
                 }
             }
         }
@@ -963,15 +971,6 @@ fn send(pid: Pid, signal: Signal) {
             log::warn!("cannot send {signal} to {pid}: {e}");
         }
     }
-}
-
-/// Resident memory of a process in MiB, from /proc.
-fn rss_mib(pid: Pid) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no memory effects.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some(pages * page / (1024 * 1024))
 }
 
 /// How a worker ended.
