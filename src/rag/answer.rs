@@ -94,10 +94,8 @@ pub fn extractive_answer(
     out.push_str(label);
     out.push('\n');
     if hits.is_empty() {
-        out.push_str(match language {
-            Language::Russian => "\nНичего подходящего в документах не нашлось.",
-            Language::English => "\nNothing in the documents matches the question.",
-        });
+        out.push('\n');
+        out.push_str(nothing_found(language));
         return out;
     }
     for (i, hit) in hits.iter().take(3).enumerate() {
@@ -110,6 +108,14 @@ pub fn extractive_answer(
         );
     }
     out
+}
+
+/// What to say when no passage matches the question.
+pub fn nothing_found(language: Language) -> &'static str {
+    match language {
+        Language::Russian => "Ничего подходящего в документах не нашлось.",
+        Language::English => "Nothing in the documents matches the question.",
+    }
 }
 
 /// The sentence run (up to `max_chars`) with the most query stems.

@@ -301,21 +301,8 @@ impl Rag {
                 Mode::Extractive
             }
             Some(_) if hits.is_empty() => {
-                let text = answer::extractive_answer(
-                    question,
-                    &hits,
-                    &self.stems,
-                    ExtractiveReason::NoLlm,
-                    language,
-                );
                 // Nothing to ground an answer on: say so without spending an LLM call.
-                let text = text
-                    .lines()
-                    .skip(1)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-                    .trim()
-                    .to_string();
+                let text = answer::nothing_found(language).to_string();
                 let _ = events.send(Event::Token(text)).await;
                 Mode::Extractive
             }
