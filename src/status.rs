@@ -149,18 +149,23 @@ pub fn render(status: &Value) -> String {
         "\n{:>8} {:>4} {:>4} {:<9} {:>9} {:>10} {:>9} {:>6} {:>10} {:>9}",
         "PID", "SLOT", "GEN", "STATE", "AGE", "REQUESTS", "INFLIGHT", "CONNS", "HEARTBEAT", "RSS"
     );
+    // serde_json's Display ignores width, so every cell is a String first.
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     for w in status["workers"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
             "{:>8} {:>4} {:>4} {:<9} {:>9} {:>10} {:>9} {:>6} {:>9.1}s {:>8}M",
-            w["pid"],
-            w["slot"],
-            w["generation"],
-            w["state"].as_str().unwrap_or("?"),
+            text(&w["pid"]),
+            text(&w["slot"]),
+            text(&w["generation"]),
+            text(&w["state"]),
             duration(num(&w["age_seconds"])),
-            w["requests"],
-            w["in_flight"],
-            w["connections"],
+            text(&w["requests"]),
+            text(&w["in_flight"]),
+            text(&w["connections"]),
             num(&w["last_heartbeat_seconds_ago"]),
             (num(&w["rss_bytes"]) / (1024.0 * 1024.0)).round()
         );
@@ -205,6 +210,13 @@ mod tests {
             .collect();
         assert_eq!(rows.len(), 2);
         assert!(rows[0].trim_start().starts_with("11"));
+        let header = text.lines().find(|l| l.contains("PID")).unwrap();
+        assert_eq!(
+            rows[0].find("11"),
+            Some(header.find("PID").unwrap() + 1),
+            "columns line up: {text}"
+        );
+        assert_eq!(rows[0].len(), rows[1].len(), "{text}");
         assert!(
             rows[0].contains("1m01s") && rows[0].ends_with("20M"),
             "{}",
