@@ -750,10 +750,17 @@ mod tests {
     fn a_typo_inside_a_table_is_caught_with_its_line() {
         let err = parse("workers = 1\n[llm]\nprovider = \"ollama\"\nmodle = \"x\"\n").unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("workers.toml:4: unknown key `modle`"), "{text}");
+        assert!(
+            text.starts_with("workers.toml:4: unknown key `modle`"),
+            "{text}"
+        );
         assert!(text.contains("did you mean `model`"), "{text}");
         let err = parse("[rag]\ntop_k = 0\n").unwrap_err();
-        assert!(err.to_string().starts_with("workers.toml:2: key `rag.top_k`"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("workers.toml:2: key `rag.top_k`"),
+            "{err}"
+        );
     }
 
     #[test]
