@@ -66,15 +66,21 @@ pub fn route_of(path: &str) -> usize {
         .unwrap_or(ROUTES.len() - 1)
 }
 
+/// Codes counted exactly, in the order of [`STATUSES`]; the four classes follow them.
+const EXACT_CODES: [u16; 21] = [
+    200, 201, 204, 304, 400, 401, 403, 404, 405, 408, 413, 414, 415, 422, 429, 431, 499, 500, 502,
+    503, 504,
+];
+
+/// The [`STATUSES`] index of a code: a linear scan of 21 numbers, no allocation (hot path).
 fn status_index(status: u16) -> usize {
-    let text = status.to_string();
-    STATUSES.iter().position(|s| *s == text).unwrap_or_else(|| {
-        let class = format!("{}xx", (status / 100).clamp(2, 5));
-        STATUSES
-            .iter()
-            .position(|s| *s == class)
-            .unwrap_or(STATUSES.len() - 1)
-    })
+    EXACT_CODES
+        .iter()
+        .position(|c| *c == status)
+        .unwrap_or_else(|| {
+            let class = usize::from((status / 100).clamp(2, 5)) - 2; // 2xx..5xx
+            EXACT_CODES.len() + class
+        })
 }
 
 fn bucket_index(d: Duration) -> usize {
@@ -264,6 +270,21 @@ mod tests {
         assert_eq!(snapshot.stage(2).0[9], 2, "2 s <= 2.5 s");
         assert_eq!(snapshot.tokens(), 14);
         assert_eq!(snapshot.upstream_errors(0), 2);
+    }
+
+    #[test]
+    fn status_indexes_match_their_labels() {
+        for (i, label) in STATUSES.iter().enumerate().take(EXACT_CODES.len()) {
+            assert_eq!(status_index(label.parse().unwrap()), i);
+        }
+        assert_eq!(STATUSES[status_index(418)], "4xx");
+        assert_eq!(STATUSES[status_index(299)], "2xx");
+        assert_eq!(
+            STATUSES[status_index(101)],
+            "2xx",
+            "1xx are not answered to requests here"
+        );
+        assert_eq!(STATUSES[status_index(599)], "5xx");
     }
 
     #[test]

@@ -22,6 +22,8 @@ use crate::config::{Config, Provider, MAX_TOP_K};
 
 /// How long a reachability probe of the LLM is trusted, so `/health` does not hit Ollama per call.
 const LLM_STATUS_TTL: Duration = Duration::from_secs(5);
+/// How long a store count is reused by /health.
+const STORE_STATUS_TTL: Duration = Duration::from_secs(1);
 /// Longest snippet shown with a source.
 const SNIPPET_CHARS: usize = 280;
 
@@ -130,6 +132,8 @@ pub struct Rag {
     llm_backend: &'static str,
     /// The pool-wide cap on concurrent generations, when the caller set one.
     gate: Option<Box<dyn GenerationGate>>,
+    /// The last store count for /health: when, and what it said.
+    store_probe: RefCell<Option<(Instant, Result<StoreStats, String>)>>,
     /// The last LLM probe: when, and whether it answered.
     llm_probe: RefCell<Option<(Instant, Result<(), String>)>>,
 }
@@ -157,6 +161,7 @@ impl Rag {
                 Provider::None => "none",
             },
             llm_probe: RefCell::new(None),
+            store_probe: RefCell::new(None),
             gate: None,
         })
     }
@@ -438,7 +443,21 @@ impl Rag {
     }
 
     pub async fn health(&self) -> Health {
-        let (store, stats) = match self.store.stats().await {
+        // Monitoring polls /health often: count the store at most once per STORE_STATUS_TTL.
+        let cached = self
+            .store_probe
+            .borrow()
+            .clone()
+            .filter(|(at, _)| at.elapsed() < STORE_STATUS_TTL);
+        let counted = match cached {
+            Some((_, result)) => result,
+            None => {
+                let result = self.store.stats().await.map_err(|e| e.to_string());
+                *self.store_probe.borrow_mut() = Some((Instant::now(), result.clone()));
+                result
+            }
+        };
+        let (store, stats) = match counted {
             Ok(stats) => (
                 ComponentHealth {
                     status: "ok",
@@ -449,7 +468,7 @@ impl Rag {
             Err(e) => (
                 ComponentHealth {
                     status: "down",
-                    detail: Some(e.to_string()),
+                    detail: Some(e),
                 },
                 None,
             ),
