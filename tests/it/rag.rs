@@ -311,6 +311,17 @@ fn fake_llm_tables(fake: &FakeOllama) -> String {
     format!("[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"fake\"\nfirst_token_timeout = 5\n[rag]\ningest_docs_on_first_run = false\n", fake.url())
 }
 
+/// A server whose LLM is `fake`, with one document seeded (admin token "t").
+fn seeded_server_with(fake: &FakeOllama, workers: usize) -> ServerProcess {
+    let server = ServerProcess::start(&app_config(
+        workers,
+        "admin_token = \"t\"",
+        &fake_llm_tables(fake),
+    ));
+    seed(&server.addr());
+    server
+}
+
 fn seed(addr: &str) {
     let body = json!({ "title": "Reload", "text": "# Reload\n\nSend HUP to the master to reload the workers without downtime." }).to_string();
     let r = post(
@@ -331,13 +342,8 @@ fn answers_stream_from_ollama_with_sources_first_and_numbered_passages() {
         tokens: 4,
         ..FakeOptions::default()
     });
-    let server = ServerProcess::start(&app_config(
-        1,
-        "admin_token = \"t\"",
-        &fake_llm_tables(&fake),
-    ));
+    let server = seeded_server_with(&fake, 1);
     let addr = server.addr();
-    seed(&addr);
     let response = post_json(
         &addr,
         "/api/ask/stream",
@@ -407,12 +413,7 @@ fn a_failure_mid_answer_is_reported_as_an_error_event() {
         fail_after: Some(3),
         ..FakeOptions::default()
     });
-    let server = ServerProcess::start(&app_config(
-        1,
-        "admin_token = \"t\"",
-        &fake_llm_tables(&fake),
-    ));
-    seed(&server.addr());
+    let server = seeded_server_with(&fake, 1);
     let response = post_json(
         &server.addr(),
         "/api/ask/stream",
@@ -433,12 +434,7 @@ fn a_client_that_disconnects_cancels_its_upstream_generation() {
         answer_duration: Duration::from_secs(20),
         ..FakeOptions::default()
     });
-    let server = ServerProcess::start(&app_config(
-        1,
-        "admin_token = \"t\"",
-        &fake_llm_tables(&fake),
-    ));
-    seed(&server.addr());
+    let server = seeded_server_with(&fake, 1);
     let mut stream = TcpStream::connect(server.addr()).unwrap();
     stream.set_read_timeout(Some(BOUND)).unwrap();
     let body = json!({ "question": "reload?" }).to_string();
@@ -467,13 +463,8 @@ fn five_hundred_concurrent_streaming_questions_on_two_workers_all_complete() {
         answer_duration: Duration::from_secs(2),
         ..FakeOptions::default()
     });
-    let server = ServerProcess::start(&app_config(
-        2,
-        "admin_token = \"t\"",
-        &fake_llm_tables(&fake),
-    ));
+    let server = seeded_server_with(&fake, 2);
     let addr = server.addr();
-    seed(&addr);
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let clients: Vec<_> = (0..500)

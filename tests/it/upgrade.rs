@@ -35,12 +35,13 @@ fn installed_copy(dir: &Path) -> PathBuf {
     path
 }
 
-#[test]
-fn a_load_running_across_five_binary_upgrades_sees_zero_failed_requests() {
+/// A server running an installed copy of the binary (which the test may replace), with a
+/// pidfile, once it serves. Keep the returned dir alive as long as the server.
+fn serve_installed_copy(workers: usize) -> (tempfile::TempDir, PathBuf, ServerProcess) {
     let bin_dir = tempfile::tempdir().unwrap();
     let binary = installed_copy(bin_dir.path());
     let server = ServerProcess::launch(
-        &config(2, "pidfile = \"{dir}/ragpool.pid\"\n"),
+        &config(workers, "pidfile = \"{dir}/ragpool.pid\"\n"),
         Launch {
             binary: Some(&binary),
             ..Launch::default()
@@ -51,6 +52,12 @@ fn a_load_running_across_five_binary_upgrades_sees_zero_failed_requests() {
         "{}",
         server.logs()
     );
+    (bin_dir, binary, server)
+}
+
+#[test]
+fn a_load_running_across_five_binary_upgrades_sees_zero_failed_requests() {
+    let (_bin_dir, _binary, server) = serve_installed_copy(2);
     let pidfile = server.path("ragpool.pid");
     let oldbin = server.path("ragpool.pid.oldbin");
     let load = Load::start(&server.addr(), 4);
@@ -95,20 +102,7 @@ fn a_load_running_across_five_binary_upgrades_sees_zero_failed_requests() {
 
 #[test]
 fn a_new_binary_that_cannot_boot_leaves_the_old_master_serving() {
-    let bin_dir = tempfile::tempdir().unwrap();
-    let binary = installed_copy(bin_dir.path());
-    let server = ServerProcess::launch(
-        &config(2, "pidfile = \"{dir}/ragpool.pid\"\n"),
-        Launch {
-            binary: Some(&binary),
-            ..Launch::default()
-        },
-    );
-    assert!(
-        server.wait_for_log("are serving", BOUND),
-        "{}",
-        server.logs()
-    );
+    let (bin_dir, binary, server) = serve_installed_copy(2);
     let pidfile = server.path("ragpool.pid");
     let workers = server.workers();
     // "Install" a broken binary: replace the file, as a package upgrade does (rename over it).
