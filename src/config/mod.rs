@@ -206,6 +206,7 @@ pub fn load_with_env(
             loader.origins.insert(key, Origin::Env(var));
         }
     }
+    overlay_table_env(&mut merged, &mut loader, &env)?;
     if let Some(workers) = &source.overrides.workers {
         let origin = Origin::Flag("--workers".into());
         overlay(
@@ -233,6 +234,8 @@ struct Loader {
     path: Option<PathBuf>,
     doc: String,
     origins: HashMap<&'static str, Origin>,
+    /// Where `table.key` values came from when not from the file.
+    table_origins: HashMap<String, Origin>,
 }
 
 impl Loader {
@@ -241,6 +244,7 @@ impl Loader {
             path,
             doc,
             origins: HashMap::new(),
+            table_origins: HashMap::new(),
         }
     }
 
@@ -272,6 +276,9 @@ impl Loader {
 
     fn origin_of(&self, key: &str) -> Origin {
         if let Some(origin) = self.origins.get(key) {
+            return origin.clone();
+        }
+        if let Some(origin) = self.table_origins.get(key) {
             return origin.clone();
         }
         match line_of_key(&self.doc, key) {
@@ -362,6 +369,75 @@ const TABLE_KEYS: &[&str] = &[
     "docs_dir",
     "ingest_docs_on_first_run",
 ];
+
+/// `RAGPOOL_<TABLE>__<KEY>` (e.g. `RAGPOOL_LLM__MODEL=bge-m3`) over the file's tables. Each
+/// value is checked on its own first, so an error names its variable.
+fn overlay_table_env(
+    merged: &mut RawConfig,
+    loader: &mut Loader,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let mut found = Vec::new();
+    for table in raw::TABLES {
+        for key in TABLE_KEYS {
+            let var = format!(
+                "RAGPOOL_{}__{}",
+                table.to_ascii_uppercase(),
+                key.to_ascii_uppercase()
+            );
+            if let Some(value) = env(&var) {
+                found.push((*table, *key, var, value));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    // The file as a table (it parsed above, so this cannot fail), with the variables applied.
+    let mut doc: toml::Table = toml::from_str(&loader.doc).unwrap_or_default();
+    for (table, key, var, value) in found {
+        let origin = Origin::Env(var.clone());
+        let literal = format!("[{table}]\n{key} = {}", value.trim());
+        let parsed = match toml::from_str::<toml::Table>(&literal) {
+            Ok(parsed) => parsed,
+            Err(_) => toml::from_str::<toml::Table>(&format!(
+                "[{table}]\n{key} = {}",
+                toml_string(value.trim())
+            ))
+            .map_err(|e| {
+                translate_serde_error(e.message(), origin.clone(), Some(format!("{table}.{key}")))
+            })?,
+        };
+        let value = parsed[table][key].clone();
+        // Check the value's type in its own table, so the error names the variable.
+        let mut alone = toml::Table::new();
+        alone.insert(
+            table.to_string(),
+            toml::Value::Table(toml::Table::from_iter([(key.to_string(), value.clone())])),
+        );
+        toml::from_str::<RawConfig>(&alone.to_string()).map_err(|e| {
+            translate_serde_error(e.message(), origin.clone(), Some(format!("{table}.{key}")))
+        })?;
+        let entry = doc
+            .entry(table.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(t) = entry {
+            t.insert(key.to_string(), value);
+        }
+        loader
+            .table_origins
+            .insert(format!("{table}.{key}"), origin);
+    }
+    let tables: RawConfig = toml::from_str(&doc.to_string()).map_err(|e| ConfigError::Syntax {
+        origin: Origin::Env("RAGPOOL_*__*".into()),
+        message: e.message().to_string(),
+    })?;
+    merged.store = tables.store;
+    merged.embed = tables.embed;
+    merged.llm = tables.llm;
+    merged.rag = tables.rag;
+    Ok(())
+}
 
 /// Parses one key's value given as text (environment or flag): TOML syntax first, so that
 /// `RAGPOOL_REUSE_PORT=true` is a boolean, falling back to a plain string.
@@ -824,6 +900,25 @@ mod tests {
         let c = load_with_env(&source, env).unwrap();
         assert_eq!(c.workers, 5, "flag beats env");
         assert_eq!(c.bind, vec![BindAddr::parse("127.0.0.1:7002").unwrap()]);
+
+        let table_env = |name: &str| match name {
+            "RAGPOOL_LLM__MODEL" => Some("qwen2.5".to_string()),
+            "RAGPOOL_RAG__TOP_K" => Some("7".to_string()),
+            _ => None,
+        };
+        let c = load_with_env(
+            &ConfigSource::new(Some(path.clone()), Overrides::default()),
+            table_env,
+        )
+        .unwrap();
+        assert_eq!((c.llm.model.as_str(), c.rag.top_k), ("qwen2.5", 7));
+        let bad_table = |name: &str| (name == "RAGPOOL_RAG__TOP_K").then(|| "0".to_string());
+        let err = load_with_env(
+            &ConfigSource::new(Some(path.clone()), Overrides::default()),
+            bad_table,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("RAGPOOL_RAG__TOP_K"), "{err}");
 
         let bad_env = |name: &str| (name == "RAGPOOL_TIMEOUT").then(|| "never".to_string());
         let err = load_with_env(
