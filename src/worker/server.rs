@@ -429,6 +429,9 @@ impl Drop for RequestGuard {
         }
         self.conn.in_flight.set(self.conn.in_flight.get() - 1);
         self.conn.last_done.set(Instant::now());
+        if !self.shared.access_log.is_on() {
+            return; // nothing below is needed, and the host string would be an allocation
+        }
         self.shared.access_log.write(&Entry {
             remote: &self.client.host(),
             request_line: &self.request_line,
