@@ -28,6 +28,44 @@ const INDEX_HTML: &str = include_str!("../../assets/index.html");
 /// Events buffered between the pipeline and a slow client.
 const EVENT_BUFFER: usize = 64;
 
+/// What a request asks for, decided from its method and path alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Page,
+    Health,
+    Metrics,
+    Status,
+    Ask,
+    AskStream,
+    ListDocuments,
+    Upload,
+    Delete,
+    WrongMethod,
+    NotFound,
+}
+
+impl Route {
+    fn of(method: &Method, path: &str) -> Route {
+        match (method, path) {
+            (&Method::GET | &Method::HEAD, "/") => Route::Page,
+            (&Method::GET | &Method::HEAD, "/health") => Route::Health,
+            (&Method::GET, "/metrics") => Route::Metrics,
+            (&Method::GET, "/status") => Route::Status,
+            (&Method::POST, "/api/ask") => Route::Ask,
+            (&Method::POST, "/api/ask/stream") => Route::AskStream,
+            (&Method::GET, "/api/documents") => Route::ListDocuments,
+            (&Method::POST, "/api/documents") => Route::Upload,
+            (&Method::DELETE, p) if p.starts_with("/api/documents/") => Route::Delete,
+            (
+                _,
+                "/" | "/health" | "/metrics" | "/status" | "/api/ask" | "/api/ask/stream"
+                | "/api/documents",
+            ) => Route::WrongMethod,
+            _ => Route::NotFound,
+        }
+    }
+}
+
 pub struct Api {
     pub rag: Rc<Rag>,
     pub admin_token: Option<String>,
@@ -40,14 +78,18 @@ pub struct Api {
 }
 
 impl Api {
-    pub async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let path = request.uri().path().to_string();
-        let method = request.method().clone();
-        match (method, path.as_str()) {
-            (Method::GET | Method::HEAD, "/") => Ok(page()),
-            (Method::GET | Method::HEAD, "/health") => Ok(self.health().await),
-            (Method::GET, "/metrics") => {
-                self.authorize_internal(&request)?;
+    /// `client` is who sent the request (see [`super::forwarded`]), for the internal endpoints.
+    pub async fn route(
+        &self,
+        request: Request<Incoming>,
+        client: Client,
+    ) -> Result<Response<Body>, ApiError> {
+        // Decided on borrowed method and path (no allocation), then `request` moves on.
+        match Route::of(request.method(), request.uri().path()) {
+            Route::Page => Ok(page()),
+            Route::Health => Ok(self.health().await),
+            Route::Metrics => {
+                self.authorize_internal(&request, client)?;
                 let stats = self.rag.store().stats().await.ok();
                 let mut response =
                     Response::new(full(super::metrics::prometheus(self.board, stats)));
@@ -57,30 +99,26 @@ impl Api {
                 );
                 Ok(response)
             }
-            (Method::GET, "/status") => {
-                self.authorize_internal(&request)?;
+            Route::Status => {
+                self.authorize_internal(&request, client)?;
                 Ok(json(
                     StatusCode::OK,
                     &super::metrics::status(self.board, self.config.path.as_deref()),
                 ))
             }
-            (Method::POST, "/api/ask") => self.ask(request).await,
-            (Method::POST, "/api/ask/stream") => self.ask_stream(request).await,
-            (Method::GET, "/api/documents") => self.list_documents().await,
-            (Method::POST, "/api/documents") => self.upload(request).await,
-            (Method::DELETE, p) if p.starts_with("/api/documents/") => {
-                self.delete_document(&request, &p["/api/documents/".len()..])
-                    .await
+            Route::Ask => self.ask(request).await,
+            Route::AskStream => self.ask_stream(request).await,
+            Route::ListDocuments => self.list_documents().await,
+            Route::Upload => self.upload(request).await,
+            Route::Delete => {
+                let id = request.uri().path()["/api/documents/".len()..].to_string();
+                self.delete_document(&request, &id).await
             }
-            (
-                _,
-                "/" | "/health" | "/metrics" | "/status" | "/api/ask" | "/api/ask/stream"
-                | "/api/documents",
-            ) => Err(ApiError::new(
+            Route::WrongMethod => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed for this path",
             )),
-            _ => Err(ApiError::not_found()),
+            Route::NotFound => Err(ApiError::not_found()),
         }
     }
 
@@ -330,13 +368,14 @@ impl Api {
 
     /// `/metrics` and `/status`: clients on this machine (loopback, unix socket, or a trusted
     /// proxy saying so), or anyone with the admin token.
-    fn authorize_internal(&self, request: &Request<Incoming>) -> Result<(), ApiError> {
-        let local = request
-            .extensions()
-            .get::<Client>()
-            // A forwarded address is only believed from a trusted proxy, so a loopback one
-            // means the proxy itself says the client is on this machine.
-            .is_some_and(|c| c.ip.is_none() || c.is_loopback());
+    fn authorize_internal(
+        &self,
+        request: &Request<Incoming>,
+        client: Client,
+    ) -> Result<(), ApiError> {
+        // A forwarded address is only believed from a trusted proxy, so a loopback one means
+        // the proxy itself says the client is on this machine.
+        let local = client.ip.is_none() || client.is_loopback();
         if local || self.bearer_matches(request) {
             Ok(())
         } else {

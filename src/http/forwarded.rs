@@ -8,7 +8,7 @@ use hyper::HeaderMap;
 
 use crate::config::process::TrustedProxies;
 
-/// The client as the app and the access log see it; stored in request extensions.
+/// The client as the app and the access log see it; handed to the app with each request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Client {
     /// `None` for a unix-socket peer without a forwarded address.

@@ -116,8 +116,12 @@ impl App {
         &self.api.rag
     }
 
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        match self.api.route(request).await {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: forwarded::Client,
+    ) -> Response<Body> {
+        match self.api.route(request, client).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         }

@@ -311,7 +311,7 @@ async fn handle(
     state: Rc<ConnState>,
     peer: Peer,
     overloaded: bool,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let peer_ip = match peer {
         Peer::Ip(addr) => Some(addr.ip()),
@@ -322,7 +322,6 @@ async fn handle(
         request.headers(),
         &shared.config.forwarded_allow_ips,
     );
-    request.extensions_mut().insert(client);
     let mut guard = RequestGuard::begin(Rc::clone(&shared), state, client, &request);
     let response = if overloaded {
         ApiError::new(
@@ -333,7 +332,7 @@ async fn handle(
     } else {
         match limits::check_head(&request, &shared.config.limits) {
             Err(error) => error.into_response(),
-            Ok(()) => shared.app.handle(request).await,
+            Ok(()) => shared.app.handle(request, client).await,
         }
     };
     guard.status = response.status().as_u16();
