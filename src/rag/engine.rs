@@ -43,6 +43,8 @@ pub enum RagError {
     Embed(#[source] LlmError),
     #[error("{0} has no text to index")]
     Empty(String),
+    #[error("{0} could not be split into chunks (the splitter failed); nothing was stored")]
+    Chunking(String),
 }
 
 /// A numbered source as the page shows it.
@@ -194,12 +196,13 @@ impl Rag {
         // Chunking a large document is CPU work: off the event loop, so the heartbeat keeps beating.
         let (doc, pieces) = {
             let config = self.config.clone();
+            let name = doc.source.clone();
             tokio::task::spawn_blocking(move || {
                 let pieces = ingest::chunk(&doc, &config);
                 (doc, pieces)
             })
             .await
-            .map_err(|_| RagError::Empty("a document that could not be chunked".into()))?
+            .map_err(|_| RagError::Chunking(name))?
         };
         if pieces.is_empty() {
             return Err(RagError::Empty(doc.source));
