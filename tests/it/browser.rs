@@ -7,10 +7,8 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::support::fake_ollama::{FakeOllama, FakeOptions};
-use crate::support::http::post;
+use crate::support::http::add_document;
 use crate::support::wait_until;
 use crate::support::webdriver::{png_size, screenshot_dir, Browser, Element, ENTER};
 use crate::support::ServerProcess;
@@ -25,20 +23,6 @@ fn app_config(tables: &str) -> String {
     format!(
         "workers = 1\nbind = [\"127.0.0.1:0\"]\naccesslog = \"\"\nadmin_token = \"t\"\n[store]\npath = \"{{dir}}/data\"\n{tables}\n"
     )
-}
-
-/// Adds one document through the admin API.
-fn seed(addr: &str, title: &str, text: &str) {
-    let body = json!({ "title": title, "text": text }).to_string();
-    let r = post(
-        addr,
-        "/api/documents",
-        "application/json",
-        body.as_bytes(),
-        &["Authorization: Bearer t"],
-    )
-    .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
 }
 
 /// Waits for the first element matching `css`.
@@ -108,7 +92,7 @@ fn the_chat_page_streams_an_answer_token_by_token_then_lists_its_sources() {
         fake.url()
     )));
     let addr = server.addr();
-    seed(
+    add_document(
         &addr,
         "Reload",
         "# Reload\n\nSend HUP to the master to reload the workers without downtime.",
@@ -203,7 +187,7 @@ fn the_russian_page_shows_an_extractive_answer_with_a_badge_and_matched_words_in
         "[llm]\nprovider = \"none\"\n[rag]\ningest_docs_on_first_run = false\n",
     ));
     let addr = server.addr();
-    seed(
+    add_document(
         &addr,
         "Резервное копирование",
         "# Резервное копирование\n\nРезервные копии базы создаются каждую ночь скриптом backup.sh.",

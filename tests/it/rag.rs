@@ -323,16 +323,11 @@ fn seeded_server_with(fake: &FakeOllama, workers: usize) -> ServerProcess {
 }
 
 fn seed(addr: &str) {
-    let body = json!({ "title": "Reload", "text": "# Reload\n\nSend HUP to the master to reload the workers without downtime." }).to_string();
-    let r = post(
+    http::add_document(
         addr,
-        "/api/documents",
-        "application/json",
-        body.as_bytes(),
-        &["Authorization: Bearer t"],
-    )
-    .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+        "Reload",
+        "# Reload\n\nSend HUP to the master to reload the workers without downtime.",
+    );
 }
 
 #[test]

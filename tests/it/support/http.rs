@@ -83,6 +83,20 @@ pub fn post(
     send_raw(addr, &raw)
 }
 
+/// Adds one document through the admin API (token "t") and expects 201 Created.
+pub fn add_document(addr: &str, title: &str, text: &str) {
+    let body = serde_json::json!({ "title": title, "text": text }).to_string();
+    let r = post(
+        addr,
+        "/api/documents",
+        "application/json",
+        body.as_bytes(),
+        &["Authorization: Bearer t"],
+    )
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
 pub fn post_json(addr: &str, path: &str, json: &serde_json::Value) -> io::Result<Response> {
     post(
         addr,
