@@ -276,6 +276,29 @@ impl QdrantStore {
         Ok(existed)
     }
 
+    /// The chunk points nearest to `query` in the named vector, over-fetched for
+    /// `current_hits` (which drops chunks of superseded versions).
+    async fn query_chunks(
+        &self,
+        query: Query,
+        using: &str,
+        k: usize,
+        action: &'static str,
+    ) -> Result<Vec<ScoredPoint>, StoreError> {
+        let request = QueryPointsBuilder::new(&self.collection)
+            .query(query)
+            .using(using)
+            .filter(Filter::must([kind_is(KIND_CHUNK)]))
+            .limit(overfetch(k))
+            .with_payload(true);
+        Ok(self
+            .client
+            .query(request)
+            .await
+            .map_err(self.error(action))?
+            .result)
+    }
+
     pub async fn lexical_search(&self, query: &str, k: usize) -> Result<Vec<Hit>, StoreError> {
         let stems = self.stems.query_stems(query);
         if stems.is_empty() || self.known_shape().await?.is_none() {
@@ -285,18 +308,10 @@ impl QdrantStore {
         indices.sort_unstable();
         indices.dedup();
         let values = vec![1.0; indices.len()];
-        let request = QueryPointsBuilder::new(&self.collection)
-            .query(Query::new_nearest(VectorInput::new_sparse(indices, values)))
-            .using(LEXICAL)
-            .filter(Filter::must([kind_is(KIND_CHUNK)]))
-            .limit(overfetch(k))
-            .with_payload(true);
+        let nearest = Query::new_nearest(VectorInput::new_sparse(indices, values));
         let points = self
-            .client
-            .query(request)
-            .await
-            .map_err(self.error("search the lexical index"))?
-            .result;
+            .query_chunks(nearest, LEXICAL, k, "search the lexical index")
+            .await?;
         self.current_hits(points, k, |score| score).await
     }
 
@@ -317,18 +332,10 @@ impl QdrantStore {
                 got: vector.len(),
             });
         }
-        let request = QueryPointsBuilder::new(&self.collection)
-            .query(Query::new_nearest(vector.to_vec()))
-            .using(DENSE)
-            .filter(Filter::must([kind_is(KIND_CHUNK)]))
-            .limit(overfetch(k))
-            .with_payload(true);
+        let nearest = Query::new_nearest(vector.to_vec());
         let points = self
-            .client
-            .query(request)
-            .await
-            .map_err(self.error("search the vector index"))?
-            .result;
+            .query_chunks(nearest, DENSE, k, "search the vector index")
+            .await?;
         let sign = if dense.lower_is_better { -1.0 } else { 1.0 };
         self.current_hits(points, k, |score| sign * score).await
     }
