@@ -20,6 +20,8 @@
 //! connection pool and may start a blocking thread for DNS; it must never be built in the
 //! master or carried across a fork.
 
+#[cfg(test)]
+mod decode_tests;
 mod embed;
 mod generate;
 mod lines;

@@ -139,15 +139,7 @@ mod tests {
     );
 
     fn decode(chunks: &[&[u8]]) -> (Result<Vec<ChatEvent>, DecodeError>, bool) {
-        let mut decoder = SseDecoder::default();
-        let mut out = Vec::new();
-        for chunk in chunks {
-            if let Err(e) = decoder.feed(chunk, &mut out) {
-                return (Err(e), decoder.is_done());
-            }
-        }
-        let result = decoder.finish(&mut out).map(|()| out);
-        (result, decoder.is_done())
+        super::super::decode_tests::decode::<SseDecoder>(chunks)
     }
 
     fn expected() -> Vec<ChatEvent> {
@@ -161,16 +153,11 @@ mod tests {
 
     #[test]
     fn same_events_at_every_split_point() {
-        let bytes = STREAM.as_bytes();
-        for i in 0..=bytes.len() {
-            for j in (i..=bytes.len()).step_by(5) {
-                let (events, done) = decode(&[&bytes[..i], &bytes[i..j], &bytes[j..]]);
-                assert_eq!(events, Ok(expected()), "split at {i}, {j}");
-                assert!(done);
-            }
-        }
-        let one_byte_each: Vec<&[u8]> = bytes.chunks(1).collect();
-        assert_eq!(decode(&one_byte_each).0, Ok(expected()));
+        super::super::decode_tests::assert_same_at_every_split::<SseDecoder>(
+            STREAM.as_bytes(),
+            &expected(),
+            5,
+        );
     }
 
     #[test]
