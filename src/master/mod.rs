@@ -75,6 +75,8 @@ pub enum MasterError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no free scoreboard slot for another worker (all {0} in use, counting draining ones); lower `workers` or wait for old workers to finish")]
+    ScoreboardFull(usize),
     #[error("cannot fork a worker: {0}")]
     Fork(#[source] nix::Error),
     #[error("worker failed to boot (pid {pid}): {reason}")]
@@ -697,7 +699,7 @@ impl Arbiter {
         let slot = self
             .scoreboard
             .free_slot()
-            .ok_or(MasterError::Fork(Errno::EAGAIN))?;
+            .ok_or(MasterError::ScoreboardFull(SCOREBOARD_SLOTS))?;
         let (listeners, foreign) = match (&self.reload, for_reload) {
             (Some(reload), true) => (&reload.listeners, &self.listeners),
             (Some(reload), false) => (&self.listeners, &reload.listeners),
