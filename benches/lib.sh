@@ -120,3 +120,22 @@ run_one() { # run_one ROUND NAME: one measured wrk run against NAME, one row app
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p90" "$p99" \
         "$reqs" "${non2xx:-0}" "$sc" "$sr" "$sw" "$st" >>"$RESULTS"
 }
+
+warm_up() { # warm_up NAME...: a short wrk run against each, output kept in $OUT
+    local name
+    for name in "$@"; do
+        log "warm-up $name for $WARMUP"
+        wrk "${WRK_ARGS[@]}" -d "$WARMUP" "http://127.0.0.1:$(port_of "$name")/health" \
+            >"$OUT/warmup-$name.txt" 2>&1 || die "wrk warm-up against $name failed (see $OUT/warmup-$name.txt)"
+    done
+}
+
+run_rounds() { # run_rounds A B: $ROUNDS rounds into $OUT/results.tsv, alternating who goes first
+    RESULTS="$OUT/results.tsv"
+    write_results_header
+    local round name order
+    for ((round = 1; round <= ROUNDS; round++)); do
+        if ((round % 2 == 1)); then order=("$1" "$2"); else order=("$2" "$1"); fi
+        for name in "${order[@]}"; do run_one "$round" "$name"; done
+    done
+}

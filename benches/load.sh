@@ -119,20 +119,10 @@ fi
 port_of() { if [[ "$1" == ragpool ]]; then echo "$RAGPOOL_PORT"; else echo "$GUNICORN_PORT"; fi; }
 pid_of() { if [[ "$1" == ragpool ]]; then echo "$RAGPOOL_PID"; else echo "$GUNICORN_PID"; fi; }
 
-for name in ragpool gunicorn; do
-    log "warm-up $name for $WARMUP"
-    wrk "${WRK_ARGS[@]}" -d "$WARMUP" "http://127.0.0.1:$(port_of "$name")/health" \
-        >"$OUT/warmup-$name.txt" 2>&1 || die "wrk warm-up against $name failed (see $OUT/warmup-$name.txt)"
-done
+warm_up ragpool gunicorn
 
 # --- measured rounds ---------------------------------------------------------------------------
-RESULTS="$OUT/results.tsv"
-write_results_header
-
-for ((round = 1; round <= ROUNDS; round++)); do
-    if ((round % 2 == 1)); then order=(ragpool gunicorn); else order=(gunicorn ragpool); fi
-    for name in "${order[@]}"; do run_one "$round" "$name"; done
-done
+run_rounds ragpool gunicorn
 
 # --- graceful stop of ragpool, checking its exit status ----------------------------------------
 log "stopping ragpool (SIGTERM to master PID $RAGPOOL_PID)"

@@ -125,20 +125,10 @@ log "/health 200 counter before warm-up: on=$ON_BEFORE off=$OFF_BEFORE"
 
 WRK_ARGS=(-t "$THREADS" -c "$CONNECTIONS" --latency)
 
-for name in on off; do
-    log "warm-up $name for $WARMUP"
-    wrk "${WRK_ARGS[@]}" -d "$WARMUP" "http://127.0.0.1:$(port_of "$name")/health" \
-        >"$OUT/warmup-$name.txt" 2>&1 || die "wrk warm-up against $name failed (see $OUT/warmup-$name.txt)"
-done
+warm_up on off
 
 # --- measured rounds ---------------------------------------------------------------------------
-RESULTS="$OUT/results.tsv"
-write_results_header
-
-for ((round = 1; round <= ROUNDS; round++)); do
-    if ((round % 2 == 1)); then order=(on off); else order=(off on); fi
-    for name in "${order[@]}"; do run_one "$round" "$name"; done
-done
+run_rounds on off
 
 # --- end-to-end counting check -----------------------------------------------------------------
 ON_AFTER="$(health_count on after)"
