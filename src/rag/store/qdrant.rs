@@ -25,18 +25,32 @@
 //! 3. the replaced version's chunks are deleted, and any other version's chunks older than
 //!    `STALE_AFTER` (an hour; left by an interrupted ingest).
 //!
-//! Readers keep only chunks whose `content_hash` is their document's head hash (one extra
-//! `get` by id per search; searches over-fetch a little to make up for dropped stale chunks).
-//! So a reader sees the old version or the new one, never a mix; chunks of an interrupted
-//! ingest are never visible and are removed by a later upsert of that source. Two processes
-//! ingesting the same source at once do not delete each other's new chunks: each deletes only
-//! the version its own head replaced (and uncommitted versions once they are old).
+//! Each commit also gives the head a fresh `version` token (unique per write, so a document
+//! changed A -> B -> A still counts as changed twice). A search reads in four steps:
+//! 1. the nearest chunks of every version (over-fetched) name the candidate documents;
+//! 2. their heads are read: the committed version of each;
+//! 3. the search is run again, filtered to exactly those (document, content hash) pairs: every
+//!    chunk of a committed version was written before its head, so all of it is there;
+//! 4. the heads are read again: if none moved, no committed version was garbage-collected
+//!    during step 3 (a version is deleted only after its head moved away), so the result is
+//!    one whole version per document. If one moved, the search starts over (a bounded number
+//!    of times; a reader racing a writer that never pauses gets the last result, still one
+//!    version per document).
+//!
+//! So a reader sees the old version or the new one, whole, never a mix and never nothing;
+//! chunks of an interrupted ingest are never visible and are removed by a later upsert of that
+//! source. Two processes ingesting the same source at once do not delete each other's new
+//! chunks: each deletes only the version its own head replaced (and uncommitted versions once
+//! they are old).
 //! `list_documents`, `document_hash` and `stats` read the head points.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use qdrant_client::qdrant::with_payload_selector::SelectorOptions;
+use qdrant_client::qdrant::PayloadIncludeSelector;
 use qdrant_client::qdrant::{
     vectors_config, Condition, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
     CreateVectorNameRequestBuilder, DeletePointsBuilder, DenseVectorCreationConfigBuilder,
@@ -67,6 +81,8 @@ const SCROLL_PAGE: u32 = 512;
 /// Whole request, including a batch upsert waiting for the write to be applied.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a search starts over because a head moved under it (see the module doc).
+const READ_ATTEMPTS: usize = 5;
 /// Chunks of a version that was never committed are garbage once this old (an ingest that
 /// takes longer than this while another ingest of the same source runs may lose its chunks).
 const STALE_AFTER: Duration = Duration::from_secs(3600);
@@ -82,6 +98,8 @@ mod field {
     pub const UPDATED_AT: &str = "updated_at";
     pub const TEXT: &str = "text";
     pub const POSITION: &str = "position";
+    /// Heads only: unique per commit, so a reader can tell that its snapshot held.
+    pub const VERSION: &str = "version";
 }
 const KIND_CHUNK: &str = "chunk";
 const KIND_HEAD: &str = "head";
@@ -159,7 +177,7 @@ impl QdrantStore {
             .heads(std::slice::from_ref(&id))
             .await?
             .remove(&id)
-            .map(|head| head.content_hash))
+            .map(|head| head.info.content_hash))
     }
 
     pub async fn upsert_document(&self, doc: NewDocument) -> Result<UpsertOutcome, StoreError> {
@@ -169,7 +187,7 @@ impl QdrantStore {
         let previous = self.heads(std::slice::from_ref(&id)).await?.remove(&id);
         if previous
             .as_ref()
-            .is_some_and(|head| head.content_hash == doc.content_hash)
+            .is_some_and(|head| head.info.content_hash == doc.content_hash)
         {
             return Ok(UpsertOutcome::Unchanged(id));
         }
@@ -199,7 +217,9 @@ impl QdrantStore {
         //    ingest) once older than STALE_AFTER. A version another process is writing right
         //    now is younger than that, so a concurrent ingest of the same source never loses
         //    the chunks its head is about to name.
-        let replaced = previous.as_ref().map(|head| head.content_hash.as_str());
+        let replaced = previous
+            .as_ref()
+            .map(|head| head.info.content_hash.as_str());
         if let Err(e) = self
             .delete_stale_chunks(&id, &doc.content_hash, replaced, updated_at)
             .await
@@ -276,21 +296,111 @@ impl QdrantStore {
         Ok(existed)
     }
 
-    /// The chunk points nearest to `query` in the named vector, over-fetched for
-    /// `current_hits` (which drops chunks of superseded versions).
-    async fn query_chunks(
+    /// The `k` chunks nearest to `query` in the named vector that belong to their document's
+    /// committed version, read as one snapshot per document (the module doc's four steps).
+    async fn committed_hits(
         &self,
         query: Query,
         using: &str,
         k: usize,
         action: &'static str,
+        score: impl Fn(f32) -> f32,
+    ) -> Result<Vec<Hit>, StoreError> {
+        let mut last = Vec::new();
+        for _ in 0..READ_ATTEMPTS {
+            // 1. Candidates: chunks of any version, only their document ids.
+            let candidates = self
+                .query_chunks(
+                    query.clone(),
+                    using,
+                    Filter::must([kind_is(KIND_CHUNK)]),
+                    overfetch(k),
+                    SelectorOptions::Include(PayloadIncludeSelector {
+                        fields: vec![field::DOCUMENT_ID.to_string()],
+                    }),
+                    action,
+                )
+                .await?;
+            let mut ids: Vec<String> = candidates
+                .iter()
+                .filter_map(|point| text_of(&point.payload, field::DOCUMENT_ID))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            // 2. The committed version of each.
+            let heads = self.heads(&ids).await?;
+            if heads.is_empty() {
+                return Ok(Vec::new());
+            }
+            // 3. Only chunks of those versions.
+            let committed = Filter {
+                must: vec![kind_is(KIND_CHUNK)],
+                should: heads
+                    .values()
+                    .map(|head| {
+                        Condition::from(Filter::must([
+                            document_is(&head.info.id),
+                            hash_is(&head.info.content_hash),
+                        ]))
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let points = self
+                .query_chunks(
+                    query.clone(),
+                    using,
+                    committed,
+                    k as u64,
+                    true.into(),
+                    action,
+                )
+                .await?;
+            last = points
+                .iter()
+                .filter_map(|point| chunk_hit(&point.payload, score(point.score)))
+                .filter(|(hit, hash)| {
+                    heads
+                        .get(&hit.document_id)
+                        .is_some_and(|head| &head.info.content_hash == hash)
+                })
+                .map(|(hit, _)| hit)
+                .collect();
+            // 4. The snapshot held if no head moved meanwhile.
+            let again = self.heads(&ids).await?;
+            let moved = heads.len() != again.len()
+                || heads
+                    .iter()
+                    .any(|(id, head)| again.get(id).map(|h| &h.version) != Some(&head.version));
+            if !moved {
+                return Ok(last);
+            }
+        }
+        log::debug!(
+            "qdrant store: documents kept changing during a search; {} hits from the last try",
+            last.len()
+        );
+        Ok(last)
+    }
+
+    async fn query_chunks(
+        &self,
+        query: Query,
+        using: &str,
+        filter: Filter,
+        limit: u64,
+        payload: SelectorOptions,
+        action: &'static str,
     ) -> Result<Vec<ScoredPoint>, StoreError> {
         let request = QueryPointsBuilder::new(&self.collection)
             .query(query)
             .using(using)
-            .filter(Filter::must([kind_is(KIND_CHUNK)]))
-            .limit(overfetch(k))
-            .with_payload(true);
+            .filter(filter)
+            .limit(limit)
+            .with_payload(payload);
         Ok(self
             .client
             .query(request)
@@ -309,10 +419,10 @@ impl QdrantStore {
         indices.dedup();
         let values = vec![1.0; indices.len()];
         let nearest = Query::new_nearest(VectorInput::new_sparse(indices, values));
-        let points = self
-            .query_chunks(nearest, LEXICAL, k, "search the lexical index")
-            .await?;
-        self.current_hits(points, k, |score| score).await
+        self.committed_hits(nearest, LEXICAL, k, "search the lexical index", |score| {
+            score
+        })
+        .await
     }
 
     pub async fn dense_search(&self, vector: &[f32], k: usize) -> Result<Vec<Hit>, StoreError> {
@@ -333,11 +443,11 @@ impl QdrantStore {
             });
         }
         let nearest = Query::new_nearest(vector.to_vec());
-        let points = self
-            .query_chunks(nearest, DENSE, k, "search the vector index")
-            .await?;
         let sign = if dense.lower_is_better { -1.0 } else { 1.0 };
-        self.current_hits(points, k, |score| sign * score).await
+        self.committed_hits(nearest, DENSE, k, "search the vector index", |score| {
+            sign * score
+        })
+        .await
     }
 
     /// Documents = head points. Chunks = chunk points, which while a document is being
@@ -372,43 +482,8 @@ impl QdrantStore {
 
     // ----- reading helpers ---------------------------------------------------------------
 
-    /// Keeps the hits whose chunk belongs to its document's current version (its head), best
-    /// first, at most `k`.
-    async fn current_hits(
-        &self,
-        points: Vec<ScoredPoint>,
-        k: usize,
-        score: impl Fn(f32) -> f32,
-    ) -> Result<Vec<Hit>, StoreError> {
-        let candidates: Vec<(Hit, String)> = points
-            .iter()
-            .filter_map(|point| chunk_hit(&point.payload, score(point.score)))
-            .collect();
-        let mut ids: Vec<String> = candidates
-            .iter()
-            .map(|(hit, _)| hit.document_id.clone())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let heads = self.heads(&ids).await?;
-        let current = |hit: &Hit, hash: &String| {
-            heads
-                .get(&hit.document_id)
-                .is_some_and(|h| &h.content_hash == hash)
-        };
-        Ok(candidates
-            .into_iter()
-            .filter(|(hit, hash)| current(hit, hash))
-            .map(|(hit, _)| hit)
-            .take(k)
-            .collect())
-    }
-
     /// The head points of these documents, by document id (absent ones are simply missing).
-    async fn heads(&self, ids: &[String]) -> Result<HashMap<String, DocumentInfo>, StoreError> {
+    async fn heads(&self, ids: &[String]) -> Result<HashMap<String, Head>, StoreError> {
         let point_ids: Vec<PointId> = ids
             .iter()
             .map(|id| PointId::from(head_point_id(id)))
@@ -425,8 +500,8 @@ impl QdrantStore {
         Ok(response
             .result
             .iter()
-            .filter_map(|point| document_of(&point.payload))
-            .map(|info| (info.id.clone(), info))
+            .filter_map(|point| head_of(&point.payload))
+            .map(|head| (head.info.id.clone(), head))
             .collect())
     }
 
@@ -724,11 +799,35 @@ fn head_point(id: &str, doc: &NewDocument, updated_at: i64) -> PointStruct {
         LEXICAL,
         Vector::new_sparse(Vec::<u32>::new(), Vec::<f32>::new()),
     );
-    PointStruct::new(
-        head_point_id(id),
-        vectors,
-        document_payload(id, doc, KIND_HEAD, updated_at),
-    )
+    let mut payload = document_payload(id, doc, KIND_HEAD, updated_at);
+    payload.insert(field::VERSION, commit_token(id));
+    PointStruct::new(head_point_id(id), vectors, payload)
+}
+
+/// A head as read back: the document and the commit that wrote it.
+struct Head {
+    info: DocumentInfo,
+    /// The head's `version`; heads written before ragpool had one use hash@time.
+    version: String,
+}
+
+fn head_of(payload: &HashMap<String, Value>) -> Option<Head> {
+    let info = document_of(payload)?;
+    let version = text_of(payload, field::VERSION)
+        .unwrap_or_else(|| format!("{}@{}", info.content_hash, info.updated_at));
+    Some(Head { info, version })
+}
+
+/// A token no other commit has: the document, this process, a per-process counter and the
+/// clock, hashed.
+fn commit_token(id: &str) -> String {
+    static COMMITS: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = COMMITS.fetch_add(1, Ordering::Relaxed);
+    uuid_of(&format!("commit/{id}/{}/{n}/{nanos}", std::process::id()))
 }
 
 /// What chunks and heads share.
@@ -784,7 +883,12 @@ fn document_is(id: &str) -> Condition {
     Condition::matches(field::DOCUMENT_ID, id.to_string())
 }
 
-/// Search a little deeper than asked, to make up for stale chunks dropped by `current_hits`.
+fn hash_is(hash: &str) -> Condition {
+    Condition::matches(field::CONTENT_HASH, hash.to_string())
+}
+
+/// Search a little deeper than asked for candidates, to make up for chunks of versions that are
+/// not (or no longer) committed.
 fn overfetch(k: usize) -> u64 {
     k.saturating_add(k.max(8)) as u64
 }
