@@ -88,7 +88,7 @@ fn the_chat_page_streams_an_answer_token_by_token_then_lists_its_sources() {
         ..FakeOptions::default()
     });
     let server = ServerProcess::start(&app_config(&format!(
-        "[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"fake\"\nfirst_token_timeout = 5\n[rag]\ningest_docs_on_first_run = false\n",
+        "[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5\n[rag]\ningest_docs_on_first_run = false\n",
         fake.url()
     )));
     let addr = server.addr();

@@ -160,16 +160,19 @@ async fn mid_stream_failure_is_an_error_after_the_first_tokens() {
         "{error:?}"
     );
 
-    // Before the first token: the first item is the error.
+    // Before any output nothing is committed yet: Ollama answers with a real status.
     fake.set_fail_mode(FailMode::ErrorLine);
     fake.set_fail_after(Some(0));
-    let (tokens, error) =
-        collect(generator.stream(&question()).await.expect("stream starts")).await;
-    assert!(tokens.is_empty());
-    assert!(
-        matches!(error, Some(LlmError::Upstream { .. })),
-        "{error:?}"
-    );
+    let error = generator.stream(&question()).await.err().expect("a 500");
+    match &error {
+        LlmError::Status {
+            status: 500,
+            message,
+            ..
+        } => assert!(message.contains("injected failure"), "{message}"),
+        other => panic!("expected Status 500, got {other:?}"),
+    }
+    assert!(error.is_unavailable());
     assert_eq!(fake.counters().chat_failed, 3);
 }
 
@@ -214,21 +217,24 @@ async fn hung_server_hits_the_first_token_timeout() {
         fake.counters()
     );
 
-    // Headers at once, but no token: the stream's first item is the timeout.
+    // A slow first line: Ollama sends no headers before it, so the start itself times out.
     fake.set_hang(false);
     fake.set_first_token_delay(Duration::from_secs(5));
     let started = Instant::now();
-    let mut stream = generator.stream(&question()).await.expect("headers arrive");
-    let first = stream.next().await.expect("an item");
+    let error = generator
+        .stream(&question())
+        .await
+        .err()
+        .expect("no first line in time");
     assert!(
         matches!(
-            first,
-            Err(LlmError::Timeout {
+            error,
+            LlmError::Timeout {
                 kind: TimeoutKind::FirstToken,
                 ..
-            })
+            }
         ),
-        "{first:?}"
+        "{error:?}"
     );
     assert!(
         started.elapsed() < Duration::from_secs(2),

@@ -130,7 +130,7 @@ fn a_streamed_answer_arrives_token_by_token_through_nginx() {
         ..FakeOptions::default()
     });
     let tables = format!(
-        "[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"fake\"\nfirst_token_timeout = 5\n\
+        "[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5\n\
          [rag]\ningest_docs_on_first_run = false\n",
         fake.url()
     );

@@ -308,7 +308,7 @@ fn the_documents_api_needs_the_admin_token_and_keeps_documents_whole() {
 }
 
 fn fake_llm_tables(fake: &FakeOllama) -> String {
-    format!("[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"fake\"\nfirst_token_timeout = 5\n[rag]\ningest_docs_on_first_run = false\n", fake.url())
+    format!("[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5\n[rag]\ningest_docs_on_first_run = false\n", fake.url())
 }
 
 /// A server whose LLM is `fake`, with one document seeded (admin token "t").

@@ -1,48 +1,67 @@
 //! A FAKE Ollama for tests: not Ollama, and no model behind it. It speaks Ollama's native wire
-//! protocol at the HTTP level on `127.0.0.1:0` (`POST /api/chat` streaming NDJSON or a single
-//! JSON, `POST /api/embed`, `POST /api/embeddings`, `GET /api/version`, `GET /api/tags`), so
-//! the real client code runs against real sockets, with answers, timing and failures that a
-//! test controls.
+//! protocol on `127.0.0.1:0` with hyper's HTTP/1.1 server (`POST /api/chat` streaming NDJSON or
+//! one JSON, `POST /api/embed`, `POST /api/embeddings`, `POST /api/show`, `GET /api/tags`,
+//! `GET /api/version`), so the real client code runs against real sockets, with answers,
+//! timing and failures that a test controls.
 //!
-//! Knobs are set at start ([`FakeOptions`]) and can be changed while it runs (`set_*`, backed by
-//! atomics). Counters ([`Counters`]) say what the clients did, including cancellations: a chat
-//! stream whose client went away before the end (a failed write, or the socket closing while
-//! the fake waits between tokens).
+//! Faithful where ragpool's behaviour depends on it (read against Ollama's `server/routes.go`
+//! and `api/types.go`):
+//! - a streaming chat commits its status and headers only with the first NDJSON line, as
+//!   gin's `c.Stream` does: an error before any output is a real HTTP status with
+//!   `{"error": ...}`, one after is an `{"error": ...}` line;
+//! - models are looked up by name (`llama3.2` is `llama3.2:latest`); an unknown one is
+//!   404 `{"error":"model 'X' not found"}` on `/api/chat`, `/api/embed` and `/api/show`;
+//! - a thinking model (see [`FakeOptions::thinking`]) thinks unless the request says
+//!   `"think": false`: `message.thinking` chunks with `content: ""`, then the answer;
+//!   `"think": true` to a model that cannot think is a 400;
+//! - `options.num_predict` counts thinking and answer tokens alike; running out ends the stream
+//!   with `done_reason: "length"` and the last piece of text on that final line;
+//! - `/api/embed` honours `dimensions` (truncates, then re-normalises).
+//!
+//! Knobs are set at start ([`FakeOptions`]) and can be changed while it runs (`set_*`). Counters
+//! ([`Counters`]) say what the clients did, including cancellations: a chat whose client went
+//! away before the end (hyper drops the handler or the body when the connection closes).
 //!
 //! It runs on its own multi-thread tokio runtime in a background thread (so it serves 500+
-//! concurrent streams and outlives no test: it stops on drop), with a hand-written HTTP/1.1
-//! server: keep-alive, `Content-Length` request bodies, chunked streaming responses. Loopback
-//! only.
+//! concurrent streams) and stops on drop. Loopback only.
 
 use std::collections::BTreeSet;
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Requests with longer heads or bodies are refused (a test bug, not a load pattern).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Request bodies larger than this are refused (a test bug, not a load pattern).
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// `fail_after` value meaning "never".
 const NEVER: usize = usize::MAX;
+const CREATED_AT: &str = "2024-01-01T00:00:00Z";
 
 /// How an injected mid-stream failure looks on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailMode {
-    /// An `{"error":"..."}` line, the end of the chunked body, then the connection closes
-    /// (what Ollama does when a runner dies mid-answer).
+    /// An `{"error":"..."}` line, then the end of the body (what Ollama does when a runner
+    /// dies mid-answer). Before any output it is an HTTP 500 instead, as in Ollama.
     ErrorLine,
     /// The connection closes in the middle of the chunked body, without another byte.
     Close,
 }
 
-/// The fake's behaviour at start. Every field can be changed later through `set_*`, except
-/// `dimensions` and `models`.
+/// The fake's behaviour at start. Most fields can be changed later through `set_*`.
 #[derive(Debug, Clone)]
 pub struct FakeOptions {
     /// The answer text; `None` = "Answer" followed by the passage markers (`[1]`, `[2]`, ...)
@@ -51,20 +70,29 @@ pub struct FakeOptions {
     /// The answer is split into this many tokens of (nearly) equal length in characters (fewer
     /// if the answer is shorter); 0 = an empty answer (just the final `"done": true`).
     pub tokens: usize,
-    /// Time from the first token to the last; tokens are spaced evenly over it.
+    /// Time from the first answer token to the last; tokens are spaced evenly over it.
     pub answer_duration: Duration,
-    /// Time from the request to the first token (response headers go out at once, as Ollama's).
+    /// Time from the request to the first line of output (thinking or answer). The status and
+    /// headers go out with that line, as Ollama's do (model load time is inside it).
     pub first_token_delay: Duration,
-    /// Fail a chat after this many tokens (0 = before the first); `None` = never.
+    /// The chat models think: this reasoning streams in `message.thinking` before the answer
+    /// (unless the request says `"think": false`). `None` = the models cannot think.
+    pub thinking: Option<String>,
+    /// Thinking tokens (split like the answer).
+    pub thinking_tokens: usize,
+    /// Time the thinking takes, from its first token to the first answer token.
+    pub thinking_duration: Duration,
+    /// Fail a chat after this many answer tokens (0 = before the first); `None` = never.
     pub fail_after: Option<usize>,
     pub fail_mode: FailMode,
     /// Read every request and never answer (until the client goes away).
     pub hang: bool,
     /// When not 0 or 200, every request gets this status and `{"error":"..."}`.
     pub status: u16,
-    /// Size of `/api/embed` vectors.
+    /// Size of `/api/embed` vectors (before any requested `dimensions`).
     pub dimensions: usize,
-    /// What `/api/tags` lists.
+    /// The models pulled: what `/api/tags` lists and the only names the other endpoints know.
+    /// A name without a tag means `:latest`. Names containing "embed" are embedding models.
     pub models: Vec<String>,
 }
 
@@ -75,6 +103,9 @@ impl Default for FakeOptions {
             tokens: 8,
             answer_duration: Duration::ZERO,
             first_token_delay: Duration::ZERO,
+            thinking: None,
+            thinking_tokens: 8,
+            thinking_duration: Duration::ZERO,
             fail_after: None,
             fail_mode: FailMode::ErrorLine,
             hang: false,
@@ -90,19 +121,23 @@ impl Default for FakeOptions {
 pub struct Counters {
     /// TCP connections accepted.
     pub connections: u64,
-    /// `/api/chat` requests received (including failed and hung ones).
+    /// `/api/chat` requests received (including failed, refused and hung ones).
     pub chat_started: u64,
-    /// Chats answered to the end (`"done": true` written).
+    /// Chats answered to the end (the `"done": true` line handed to the connection).
     pub chat_completed: u64,
     /// Chats whose client went away before the end.
     pub chat_cancelled: u64,
     /// Chats failed on purpose (`fail_after` or `status`).
     pub chat_failed: u64,
+    /// Chats refused: unknown model, or `think` asked of a model that cannot.
+    pub chat_refused: u64,
     /// `/api/embed` and `/api/embeddings` requests, and the texts in them.
     pub embed_requests: u64,
     pub embed_inputs: u64,
-    /// `/api/version` and `/api/tags` requests.
+    /// `/api/version`, `/api/tags` and `/api/show` requests.
     pub probes: u64,
+    /// `/api/tags` and `/api/show` requests alone (model checks).
+    pub model_checks: u64,
     /// Streaming chats in progress now, and the most ever at once.
     pub active_streams: u64,
     pub max_concurrent_streams: u64,
@@ -122,23 +157,30 @@ struct State {
     tokens: AtomicUsize,
     answer_duration_us: AtomicU64,
     first_token_delay_us: AtomicU64,
+    thinking: Mutex<Option<String>>,
+    thinking_tokens: AtomicUsize,
+    thinking_duration_us: AtomicU64,
     fail_after: AtomicUsize,
     fail_close: AtomicBool,
     hang: AtomicBool,
     status: AtomicU16,
     dimensions: usize,
-    models: Vec<String>,
-    /// The JSON body of the latest `/api/chat` request, and its `Authorization` header.
+    models: Mutex<Vec<String>>,
+    /// The JSON bodies of the latest `/api/chat` and `/api/embed` requests, and the chat's
+    /// `Authorization` header.
     last_chat: Mutex<Option<Value>>,
+    last_embed: Mutex<Option<Value>>,
     last_authorization: Mutex<Option<String>>,
     connections: AtomicU64,
     chat_started: AtomicU64,
     chat_completed: AtomicU64,
     chat_cancelled: AtomicU64,
     chat_failed: AtomicU64,
+    chat_refused: AtomicU64,
     embed_requests: AtomicU64,
     embed_inputs: AtomicU64,
     probes: AtomicU64,
+    model_checks: AtomicU64,
     active_streams: AtomicU64,
     max_concurrent_streams: AtomicU64,
 }
@@ -155,22 +197,28 @@ impl FakeOllama {
             tokens: AtomicUsize::new(options.tokens),
             answer_duration_us: AtomicU64::new(micros(options.answer_duration)),
             first_token_delay_us: AtomicU64::new(micros(options.first_token_delay)),
+            thinking: Mutex::new(options.thinking),
+            thinking_tokens: AtomicUsize::new(options.thinking_tokens),
+            thinking_duration_us: AtomicU64::new(micros(options.thinking_duration)),
             fail_after: AtomicUsize::new(options.fail_after.unwrap_or(NEVER)),
             fail_close: AtomicBool::new(options.fail_mode == FailMode::Close),
             hang: AtomicBool::new(options.hang),
             status: AtomicU16::new(options.status),
             dimensions: options.dimensions.max(1),
-            models: options.models,
+            models: Mutex::new(options.models),
             last_chat: Mutex::new(None),
+            last_embed: Mutex::new(None),
             last_authorization: Mutex::new(None),
             connections: AtomicU64::new(0),
             chat_started: AtomicU64::new(0),
             chat_completed: AtomicU64::new(0),
             chat_cancelled: AtomicU64::new(0),
             chat_failed: AtomicU64::new(0),
+            chat_refused: AtomicU64::new(0),
             embed_requests: AtomicU64::new(0),
             embed_inputs: AtomicU64::new(0),
             probes: AtomicU64::new(0),
+            model_checks: AtomicU64::new(0),
             active_streams: AtomicU64::new(0),
             max_concurrent_streams: AtomicU64::new(0),
         });
@@ -234,6 +282,17 @@ impl FakeOllama {
             .store(micros(delay), Ordering::SeqCst);
     }
 
+    /// `None`: the models cannot think (a request asking them to is refused with 400).
+    pub fn set_thinking(&self, thinking: Option<&str>) {
+        *lock(&self.state.thinking) = thinking.map(str::to_string);
+    }
+
+    pub fn set_thinking_duration(&self, duration: Duration) {
+        self.state
+            .thinking_duration_us
+            .store(micros(duration), Ordering::SeqCst);
+    }
+
     pub fn set_fail_after(&self, tokens: Option<usize>) {
         self.state
             .fail_after
@@ -255,6 +314,11 @@ impl FakeOllama {
         self.state.status.store(status, Ordering::SeqCst);
     }
 
+    /// Replaces the pulled models (`ollama pull` / `ollama rm`).
+    pub fn set_models(&self, models: &[&str]) {
+        *lock(&self.state.models) = models.iter().map(|m| m.to_string()).collect();
+    }
+
     pub fn counters(&self) -> Counters {
         let s = &self.state;
         let get = |c: &AtomicU64| c.load(Ordering::SeqCst);
@@ -264,9 +328,11 @@ impl FakeOllama {
             chat_completed: get(&s.chat_completed),
             chat_cancelled: get(&s.chat_cancelled),
             chat_failed: get(&s.chat_failed),
+            chat_refused: get(&s.chat_refused),
             embed_requests: get(&s.embed_requests),
             embed_inputs: get(&s.embed_inputs),
             probes: get(&s.probes),
+            model_checks: get(&s.model_checks),
             active_streams: get(&s.active_streams),
             max_concurrent_streams: get(&s.max_concurrent_streams),
         }
@@ -275,6 +341,11 @@ impl FakeOllama {
     /// The JSON body of the latest `/api/chat` request.
     pub fn last_chat_request(&self) -> Option<Value> {
         lock(&self.state.last_chat).clone()
+    }
+
+    /// The JSON body of the latest `/api/embed` request.
+    pub fn last_embed_request(&self) -> Option<Value> {
+        lock(&self.state.last_embed).clone()
     }
 
     /// The `Authorization` header of the latest `/api/chat` request.
@@ -341,13 +412,19 @@ pub fn fake_embedding(text: &str, dimensions: usize) -> Vec<f32> {
         let bucket = (hash % dimensions as u64) as usize;
         vector[bucket] += if hash >> 63 == 0 { 1.0 } else { -1.0 };
     }
+    normalise(&mut vector);
+    vector
+}
+
+fn normalise(vector: &mut [f32]) {
     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm == 0.0 {
-        vector[0] = 1.0;
+        if let Some(first) = vector.first_mut() {
+            *first = 1.0;
+        }
     } else {
         vector.iter_mut().for_each(|x| *x /= norm);
     }
-    vector
 }
 
 /// The answer split into at most `tokens` pieces of (nearly) equal length in characters.
@@ -361,6 +438,23 @@ pub fn split_tokens(answer: &str, tokens: usize) -> Vec<String> {
                 .collect()
         })
         .collect()
+}
+
+/// A model name as Ollama resolves it: lower case, the default registry and namespace left
+/// out, `:latest` when no tag is given.
+pub fn canonical_model(name: &str) -> String {
+    let name = name.trim().to_ascii_lowercase();
+    let name = name
+        .strip_prefix("registry.ollama.ai/")
+        .unwrap_or(&name)
+        .to_string();
+    let name = name.strip_prefix("library/").unwrap_or(&name).to_string();
+    let last = name.rsplit('/').next().unwrap_or_default();
+    if last.contains(':') {
+        name
+    } else {
+        format!("{name}:latest")
+    }
 }
 
 fn micros(d: Duration) -> u64 {
@@ -400,7 +494,17 @@ async fn accept_connections(
                 Ok((stream, _)) => {
                     state.connections.fetch_add(1, Ordering::SeqCst);
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(stream, Arc::clone(&state)));
+                    let state = Arc::clone(&state);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            let state = Arc::clone(&state);
+                            async move { Ok::<_, Infallible>(handle(state, request).await) }
+                        });
+                        // A client that goes away mid-response is an error here: expected.
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off, never give up.
@@ -412,303 +516,596 @@ async fn accept_connections(
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+/// A response body: a whole one, or lines fed by a task through a channel.
+enum FakeBody {
+    Whole(Option<Bytes>),
+    /// An `Err` aborts the connection mid-body (hyper closes it without the last chunk).
+    Lines(mpsc::Receiver<Result<Bytes, std::io::Error>>),
 }
 
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
+impl Body for FakeBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
 
-    fn keep_alive(&self) -> bool {
-        !self
-            .header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-    }
-}
-
-/// One client connection: `buf` holds bytes read but not yet parsed.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// What to do with the connection after a response.
-enum Next {
-    KeepAlive,
-    Close,
-}
-
-impl Next {
-    fn after(keep_alive: bool) -> Next {
-        if keep_alive {
-            Next::KeepAlive
-        } else {
-            Next::Close
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match &mut *self {
+            FakeBody::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            FakeBody::Lines(lines) => lines
+                .poll_recv(cx)
+                .map(|line| line.map(|r| r.map(Frame::data))),
         }
     }
 }
 
-async fn serve_connection(stream: TcpStream, state: Arc<State>) {
-    let mut conn = Conn {
-        stream,
-        buf: Vec::new(),
+fn respond(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Response<FakeBody> {
+    let mut response = Response::new(FakeBody::Whole(Some(body.into())));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// JSON as gin's `c.JSON` writes it.
+fn respond_json(status: u16, body: &Value) -> Response<FakeBody> {
+    respond(status, "application/json; charset=utf-8", body.to_string())
+}
+
+fn not_found(model: &str) -> Response<FakeBody> {
+    respond_json(
+        404,
+        &json!({ "error": format!("model '{model}' not found") }),
+    )
+}
+
+async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<FakeBody> {
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => return respond_json(400, &json!({ "error": format!("fake ollama: {e}") })),
     };
-    loop {
-        let request = match conn.read_request().await {
-            Ok(Some(request)) => request,
-            Ok(None) => return,
-            Err(e) => {
-                let _ = conn
-                    .respond_json(400, &json!({ "error": format!("fake ollama: {e}") }), false)
-                    .await;
-                return;
-            }
-        };
-        match handle(&mut conn, &state, request).await {
-            Ok(Next::KeepAlive) => continue,
-            Ok(Next::Close) | Err(_) => return,
-        }
-    }
-}
-
-async fn handle(conn: &mut Conn, state: &State, request: Request) -> std::io::Result<Next> {
-    let is_chat = request.method == "POST" && request.path == "/api/chat";
+    let json_body = serde_json::from_slice::<Value>(&body).ok();
+    let path = parts.uri.path().to_string();
+    let is_chat = parts.method == Method::POST && path == "/api/chat";
+    // Counts a chat as cancelled if hyper drops this future (the client went away) before
+    // the chat is answered or handed to its streaming task.
+    let mut pending = Pending::new(&state, is_chat);
     if is_chat {
         state.chat_started.fetch_add(1, Ordering::SeqCst);
-        *lock(&state.last_authorization) = request.header("authorization").map(str::to_string);
-        if let Ok(body) = serde_json::from_slice::<Value>(&request.body) {
-            *lock(&state.last_chat) = Some(body);
+        *lock(&state.last_authorization) = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Some(body) = &json_body {
+            *lock(&state.last_chat) = Some(body.clone());
         }
     }
     if state.hang.load(Ordering::SeqCst) {
-        // Never answer; notice when the client gives up.
-        conn.wait_for_close().await;
-        if is_chat {
-            state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
-        }
-        return Ok(Next::Close);
+        // Never answer; `pending` notices when the client gives up.
+        std::future::pending::<()>().await;
     }
-    let keep_alive = request.keep_alive();
     let status = state.status.load(Ordering::SeqCst);
     if status != 0 && status != 200 {
+        pending.disarm();
         if is_chat {
             state.chat_failed.fetch_add(1, Ordering::SeqCst);
         }
         let body = json!({ "error": format!("fake ollama: injected HTTP status {status}") });
-        conn.respond_json(status, &body, keep_alive).await?;
-        return Ok(Next::after(keep_alive));
+        return respond_json(status, &body);
     }
-    match (request.method.as_str(), request.path.as_str()) {
-        ("POST", "/api/chat") => chat(conn, state, &request, keep_alive).await,
-        ("POST", "/api/embed") | ("POST", "/api/embeddings") => {
-            embed(conn, state, &request, keep_alive).await
-        }
-        ("GET", "/api/version") => {
+    let response = match (&parts.method, path.as_str()) {
+        (&Method::POST, "/api/chat") => match json_body {
+            Some(body) => chat(&state, body, &mut pending).await,
+            None => respond_json(
+                400,
+                &json!({ "error": "invalid character in request body" }),
+            ),
+        },
+        (&Method::POST, "/api/embed") | (&Method::POST, "/api/embeddings") => embed(
+            &state,
+            json_body.unwrap_or(Value::Null),
+            path == "/api/embeddings",
+        ),
+        (&Method::POST, "/api/show") => {
             state.probes.fetch_add(1, Ordering::SeqCst);
-            conn.respond_json(200, &json!({ "version": "0.0.0-fake" }), keep_alive)
-                .await?;
-            Ok(Next::after(keep_alive))
+            state.model_checks.fetch_add(1, Ordering::SeqCst);
+            show(&state, json_body.unwrap_or(Value::Null))
         }
-        ("GET", "/api/tags") => {
+        (&Method::GET, "/api/version") => {
             state.probes.fetch_add(1, Ordering::SeqCst);
-            let models: Vec<Value> = state
-                .models
-                .iter()
-                .map(|name| {
-                    json!({
-                        "name": name, "model": name, "modified_at": "2024-01-01T00:00:00Z",
-                        "size": 0, "digest": "fake",
-                        "details": { "format": "gguf", "family": "fake" },
-                    })
-                })
-                .collect();
-            conn.respond_json(200, &json!({ "models": models }), keep_alive)
-                .await?;
-            Ok(Next::after(keep_alive))
+            respond_json(200, &json!({ "version": "0.0.0-fake" }))
         }
-        ("GET", "/") => {
-            conn.respond(
-                200,
-                "text/plain; charset=utf-8",
-                b"Ollama is running",
-                keep_alive,
-            )
-            .await?;
-            Ok(Next::after(keep_alive))
+        (&Method::GET, "/api/tags") => {
+            state.probes.fetch_add(1, Ordering::SeqCst);
+            state.model_checks.fetch_add(1, Ordering::SeqCst);
+            tags(&state)
         }
-        _ => {
-            conn.respond(404, "text/plain", b"404 page not found", keep_alive)
-                .await?;
-            Ok(Next::after(keep_alive))
+        (&Method::GET | &Method::HEAD, "/") => {
+            respond(200, "text/plain; charset=utf-8", "Ollama is running")
+        }
+        _ => respond(404, "text/plain", "404 page not found"),
+    };
+    pending.disarm();
+    response
+}
+
+/// Counts a chat as cancelled when dropped armed.
+struct Pending {
+    state: Arc<State>,
+    armed: bool,
+}
+
+impl Pending {
+    fn new(state: &Arc<State>, is_chat: bool) -> Pending {
+        Pending {
+            state: Arc::clone(state),
+            armed: is_chat,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
 
-async fn chat(
-    conn: &mut Conn,
-    state: &State,
-    request: &Request,
-    keep_alive: bool,
-) -> std::io::Result<Next> {
-    let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
-        conn.respond_json(
-            400,
-            &json!({ "error": "fake ollama: invalid JSON" }),
-            keep_alive,
-        )
-        .await?;
-        return Ok(Next::Close);
+/// The pulled model that `requested` names, if any.
+fn find_model(state: &State, requested: &str) -> Option<String> {
+    let wanted = canonical_model(requested);
+    lock(&state.models)
+        .iter()
+        .find(|m| canonical_model(m) == wanted)
+        .cloned()
+}
+
+fn is_embedding_model(name: &str) -> bool {
+    name.to_ascii_lowercase().contains("embed")
+}
+
+fn tags(state: &State) -> Response<FakeBody> {
+    let models: Vec<Value> = lock(&state.models)
+        .iter()
+        .map(|name| {
+            let name = canonical_model(name);
+            json!({
+                "name": name, "model": name, "modified_at": CREATED_AT,
+                "size": 0, "digest": "fake",
+                "details": { "format": "gguf", "family": "fake", "parameter_size": "0B",
+                             "quantization_level": "Q4_0" },
+            })
+        })
+        .collect();
+    respond_json(200, &json!({ "models": models }))
+}
+
+fn show(state: &State, body: Value) -> Response<FakeBody> {
+    let requested = body
+        .get("model")
+        .or_else(|| body.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if requested.is_empty() {
+        return respond_json(400, &json!({ "error": "model is required" }));
+    }
+    let Some(model) = find_model(state, requested) else {
+        return not_found(requested);
     };
-    let model = body
+    let capabilities: Vec<&str> = if is_embedding_model(&model) {
+        vec!["embedding"]
+    } else if lock(&state.thinking).is_some() {
+        vec!["completion", "thinking"]
+    } else {
+        vec!["completion"]
+    };
+    respond_json(
+        200,
+        &json!({
+            "modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
+            "details": { "format": "gguf", "family": "fake" },
+            "model_info": {}, "capabilities": capabilities, "modified_at": CREATED_AT,
+        }),
+    )
+}
+
+/// One line of a chat stream, with the time it is due.
+struct Line {
+    at: Instant,
+    kind: LineKind,
+}
+
+enum LineKind {
+    Thinking(String),
+    Content(String),
+    /// `"done": true` with this reason, carrying the last piece of text when cut short.
+    Done {
+        reason: &'static str,
+        thinking: String,
+        content: String,
+    },
+    /// The injected failure.
+    Fail(String),
+}
+
+async fn chat(state: &Arc<State>, body: Value, pending: &mut Pending) -> Response<FakeBody> {
+    let requested = body
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    if requested.is_empty() {
+        state.chat_refused.fetch_add(1, Ordering::SeqCst);
+        return respond_json(400, &json!({ "error": "model is required" }));
+    }
+    if find_model(state, &requested).is_none() {
+        state.chat_refused.fetch_add(1, Ordering::SeqCst);
+        return not_found(&requested);
+    }
+    // `think`: absent means "think if the model can"; false means not; true (or a level)
+    // asked of a model that cannot think is refused.
+    let think_field = body.get("think").filter(|v| !v.is_null());
+    let asked_to_think = match think_field {
+        None => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => Some(true),
+    };
+    let thinking_text = lock(&state.thinking).clone();
+    if thinking_text.is_none() && asked_to_think == Some(true) {
+        state.chat_refused.fetch_add(1, Ordering::SeqCst);
+        return respond_json(
+            400,
+            &json!({ "error": format!("\"{requested}\" does not support thinking") }),
+        );
+    }
+    let thinks = thinking_text.is_some() && asked_to_think != Some(false);
+
     let answer = lock(&state.answer)
         .clone()
         .unwrap_or_else(|| derived_answer(body.get("messages")));
-    let tokens = split_tokens(&answer, state.tokens.load(Ordering::SeqCst));
-    let first_token_delay =
-        Duration::from_micros(state.first_token_delay_us.load(Ordering::SeqCst));
-    let duration = Duration::from_micros(state.answer_duration_us.load(Ordering::SeqCst));
-    let fail_after = state.fail_after.load(Ordering::SeqCst);
+    let content = split_tokens(&answer, state.tokens.load(Ordering::SeqCst));
+    let thinking = match (&thinking_text, thinks) {
+        (Some(text), true) => split_tokens(text, state.thinking_tokens.load(Ordering::SeqCst)),
+        _ => Vec::new(),
+    };
     let started = Instant::now();
+    let first = started + Duration::from_micros(state.first_token_delay_us.load(Ordering::SeqCst));
+    let think_for = if thinking.is_empty() {
+        Duration::ZERO
+    } else {
+        Duration::from_micros(state.thinking_duration_us.load(Ordering::SeqCst))
+    };
+    let answer_for = Duration::from_micros(state.answer_duration_us.load(Ordering::SeqCst));
+    let limit = body
+        .pointer("/options/num_predict")
+        .and_then(Value::as_i64)
+        .filter(|n| *n > 0)
+        .map(|n| n as usize)
+        .unwrap_or(NEVER);
+    let lines = plan_lines(PlanInput {
+        thinking,
+        content,
+        first,
+        think_for,
+        answer_for,
+        limit,
+        fail_after: state.fail_after.load(Ordering::SeqCst),
+    });
 
     if body.get("stream").and_then(Value::as_bool) == Some(false) {
-        if !conn
-            .sleep_watching(started + first_token_delay + duration)
-            .await
-        {
-            state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
-            return Ok(Next::Close);
-        }
-        if fail_after <= tokens.len() {
-            state.chat_failed.fetch_add(1, Ordering::SeqCst);
-            let error = json!({ "error": "fake ollama: injected failure" });
-            conn.respond_json(500, &error, keep_alive).await?;
-            return Ok(Next::after(keep_alive));
-        }
-        let reply = json!({
-            "model": model, "created_at": "2024-01-01T00:00:00Z",
-            "message": { "role": "assistant", "content": answer },
-            "done_reason": "stop", "done": true, "eval_count": tokens.len(),
-        });
-        conn.respond_json(200, &reply, keep_alive).await?;
-        state.chat_completed.fetch_add(1, Ordering::SeqCst);
-        return Ok(Next::after(keep_alive));
+        return chat_whole(state, &requested, lines, pending).await;
     }
 
-    let _active = ActiveStream::enter(state);
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n";
-    if conn.stream.write_all(head.as_bytes()).await.is_err() {
-        state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
-        return Ok(Next::Close);
-    }
-    let gap = if tokens.len() > 1 {
-        duration / (tokens.len() as u32 - 1)
-    } else {
-        Duration::ZERO
+    let active = ActiveStream::enter(state);
+    let mut lines = lines.into_iter();
+    let Some(first_line) = lines.next() else {
+        pending.disarm();
+        return respond_json(500, &json!({ "error": "fake ollama: nothing to send" }));
     };
-    for i in 0..=tokens.len() {
-        if i == fail_after {
-            state.chat_failed.fetch_add(1, Ordering::SeqCst);
-            if !state.fail_close.load(Ordering::SeqCst) {
-                let line =
-                    json!({ "error": format!("fake ollama: injected failure after {i} tokens") });
-                let _ = conn.write_chunk(format!("{line}\n").as_bytes()).await;
-                let _ = conn.stream.write_all(b"0\r\n\r\n").await;
+    // Nothing is committed (status, headers) until the first line is ready, as in Ollama.
+    tokio::time::sleep_until(first_line.at).await;
+    if let LineKind::Fail(message) = &first_line.kind {
+        pending.disarm();
+        state.chat_failed.fetch_add(1, Ordering::SeqCst);
+        // Before any output, either fail mode is an error status, as in Ollama.
+        return respond_json(500, &json!({ "error": message }));
+    }
+    let (tx, rx) = mpsc::channel(1);
+    let first_bytes = encode_line(&requested, &first_line.kind, started);
+    let finished_at_first = matches!(first_line.kind, LineKind::Done { .. });
+    if tx.send(Ok(first_bytes)).await.is_err() {
+        return respond_json(500, &json!({ "error": "fake ollama: channel" }));
+    }
+    pending.disarm();
+    let task_state = Arc::clone(state);
+    if finished_at_first {
+        state.chat_completed.fetch_add(1, Ordering::SeqCst);
+        drop(active);
+    } else {
+        let rest: Vec<Line> = lines.collect();
+        tokio::spawn(stream_lines(
+            task_state, requested, rest, tx, active, started,
+        ));
+    }
+    let mut response = Response::new(FakeBody::Lines(rx));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// Writes the rest of a stream, each line at its time; counts how it ended.
+async fn stream_lines(
+    state: Arc<State>,
+    model: String,
+    lines: Vec<Line>,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    _active: ActiveStream,
+    started: Instant,
+) {
+    for line in lines {
+        tokio::select! {
+            _ = tokio::time::sleep_until(line.at) => {}
+            _ = tx.closed() => {
+                state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
+                return;
             }
-            return Ok(Next::Close);
         }
-        let Some(token) = tokens.get(i) else { break };
-        if !conn
-            .sleep_watching(started + first_token_delay + gap * i as u32)
-            .await
-        {
-            state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
-            return Ok(Next::Close);
+        if let LineKind::Fail(_) = &line.kind {
+            state.chat_failed.fetch_add(1, Ordering::SeqCst);
+            let end = if state.fail_close.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("fake ollama: connection cut"))
+            } else {
+                Ok(encode_line(&model, &line.kind, started))
+            };
+            let _ = tx.send(end).await;
+            return;
         }
-        let line = json!({
-            "model": model, "created_at": "2024-01-01T00:00:00Z",
-            "message": { "role": "assistant", "content": token }, "done": false,
-        });
-        if conn
-            .write_chunk(format!("{line}\n").as_bytes())
+        let done = matches!(line.kind, LineKind::Done { .. });
+        if tx
+            .send(Ok(encode_line(&model, &line.kind, started)))
             .await
             .is_err()
         {
             state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
-            return Ok(Next::Close);
+            return;
+        }
+        if done {
+            state.chat_completed.fetch_add(1, Ordering::SeqCst);
+            return;
         }
     }
-    let done = json!({
-        "model": model, "created_at": "2024-01-01T00:00:00Z",
-        "message": { "role": "assistant", "content": "" },
-        "done_reason": "stop", "done": true,
-        "total_duration": micros(started.elapsed()) * 1000, "eval_count": tokens.len(),
-    });
-    // The last line and the end of the body in one write: a client that closes as soon as it
-    // reads `"done": true` must not make a completed answer look cancelled.
-    let line = format!("{done}\n");
-    let last = format!("{:x}\r\n{line}\r\n0\r\n\r\n", line.len()).into_bytes();
-    if conn.stream.write_all(&last).await.is_err() {
-        state.chat_cancelled.fetch_add(1, Ordering::SeqCst);
-        return Ok(Next::Close);
-    }
-    state.chat_completed.fetch_add(1, Ordering::SeqCst);
-    Ok(Next::after(keep_alive))
 }
 
-async fn embed(
-    conn: &mut Conn,
+/// `"stream": false`: one JSON object once everything is "generated".
+async fn chat_whole(
     state: &State,
-    request: &Request,
-    keep_alive: bool,
-) -> std::io::Result<Next> {
+    model: &str,
+    lines: Vec<Line>,
+    pending: &mut Pending,
+) -> Response<FakeBody> {
+    let (mut thinking, mut content) = (String::new(), String::new());
+    let mut reason = "stop";
+    for line in lines {
+        tokio::time::sleep_until(line.at).await;
+        match line.kind {
+            LineKind::Thinking(t) => thinking.push_str(&t),
+            LineKind::Content(c) => content.push_str(&c),
+            LineKind::Done {
+                reason: r,
+                thinking: t,
+                content: c,
+            } => {
+                thinking.push_str(&t);
+                content.push_str(&c);
+                reason = r;
+            }
+            LineKind::Fail(message) => {
+                pending.disarm();
+                state.chat_failed.fetch_add(1, Ordering::SeqCst);
+                return respond_json(500, &json!({ "error": message }));
+            }
+        }
+    }
+    pending.disarm();
+    state.chat_completed.fetch_add(1, Ordering::SeqCst);
+    let mut message = json!({ "role": "assistant", "content": content });
+    if !thinking.is_empty() {
+        message["thinking"] = Value::String(thinking);
+    }
+    respond_json(
+        200,
+        &json!({
+            "model": model, "created_at": CREATED_AT, "message": message,
+            "done_reason": reason, "done": true,
+        }),
+    )
+}
+
+struct PlanInput {
+    thinking: Vec<String>,
+    content: Vec<String>,
+    first: Instant,
+    think_for: Duration,
+    answer_for: Duration,
+    /// `num_predict`: thinking and answer tokens together.
+    limit: usize,
+    /// Fail after this many answer tokens.
+    fail_after: usize,
+}
+
+/// The lines of one chat and when each is due: thinking tokens spread over `think_for` from
+/// `first`, then answer tokens spread over `answer_for`, then `done` — or a failure, or a
+/// cut at `limit` tokens whose last piece rides on the `done_reason: "length"` line.
+fn plan_lines(p: PlanInput) -> Vec<Line> {
+    let think_gap = match p.thinking.len() {
+        0 => Duration::ZERO,
+        n => p.think_for / n as u32,
+    };
+    let answer_gap = match p.content.len() {
+        0 | 1 => Duration::ZERO,
+        n => p.answer_for / (n as u32 - 1),
+    };
+    let answer_start = p.first + p.think_for;
+    let mut lines = Vec::new();
+    let mut emitted = 0;
+    for (i, token) in p.thinking.into_iter().enumerate() {
+        let at = p.first + think_gap * i as u32;
+        emitted += 1;
+        if emitted == p.limit {
+            lines.push(Line {
+                at,
+                kind: LineKind::Done {
+                    reason: "length",
+                    thinking: token,
+                    content: String::new(),
+                },
+            });
+            return lines;
+        }
+        lines.push(Line {
+            at,
+            kind: LineKind::Thinking(token),
+        });
+    }
+    let content_len = p.content.len();
+    for (j, token) in p.content.into_iter().enumerate() {
+        let at = answer_start + answer_gap * j as u32;
+        if j == p.fail_after {
+            lines.push(Line {
+                at,
+                kind: LineKind::Fail(format!("fake ollama: injected failure after {j} tokens")),
+            });
+            return lines;
+        }
+        emitted += 1;
+        if emitted == p.limit && j + 1 < content_len {
+            lines.push(Line {
+                at,
+                kind: LineKind::Done {
+                    reason: "length",
+                    thinking: String::new(),
+                    content: token,
+                },
+            });
+            return lines;
+        }
+        lines.push(Line {
+            at,
+            kind: LineKind::Content(token),
+        });
+    }
+    let end = lines.last().map_or(answer_start, |l| l.at);
+    if content_len == p.fail_after {
+        lines.push(Line {
+            at: end,
+            kind: LineKind::Fail(format!(
+                "fake ollama: injected failure after {content_len} tokens"
+            )),
+        });
+        return lines;
+    }
+    lines.push(Line {
+        at: end,
+        kind: LineKind::Done {
+            reason: "stop",
+            thinking: String::new(),
+            content: String::new(),
+        },
+    });
+    lines
+}
+
+/// One NDJSON line of `/api/chat`, shaped like Ollama's `api.ChatResponse`.
+fn encode_line(model: &str, kind: &LineKind, started: Instant) -> Bytes {
+    let message = |thinking: &str, content: &str| {
+        let mut m = json!({ "role": "assistant", "content": content });
+        if !thinking.is_empty() {
+            m["thinking"] = Value::String(thinking.to_string());
+        }
+        m
+    };
+    let value = match kind {
+        LineKind::Thinking(t) => json!({
+            "model": model, "created_at": CREATED_AT, "message": message(t, ""), "done": false,
+        }),
+        LineKind::Content(c) => json!({
+            "model": model, "created_at": CREATED_AT, "message": message("", c), "done": false,
+        }),
+        LineKind::Done {
+            reason,
+            thinking,
+            content,
+        } => json!({
+            "model": model, "created_at": CREATED_AT, "message": message(thinking, content),
+            "done": true, "done_reason": reason,
+            "total_duration": micros(started.elapsed()) * 1000,
+        }),
+        LineKind::Fail(message) => json!({ "error": message }),
+    };
+    Bytes::from(format!("{value}\n"))
+}
+
+fn embed(state: &State, body: Value, legacy: bool) -> Response<FakeBody> {
     state.embed_requests.fetch_add(1, Ordering::SeqCst);
-    let body = serde_json::from_slice::<Value>(&request.body).unwrap_or(Value::Null);
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let legacy = request.path == "/api/embeddings";
+    if !legacy {
+        *lock(&state.last_embed) = Some(body.clone());
+    }
+    let requested = body.get("model").and_then(Value::as_str).unwrap_or("");
+    if find_model(state, requested).is_none() {
+        return not_found(requested);
+    }
     let inputs: Option<Vec<String>> = match body.get(if legacy { "prompt" } else { "input" }) {
+        Some(Value::String(text)) if text.is_empty() => Some(Vec::new()),
         Some(Value::String(text)) => Some(vec![text.clone()]),
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| v.as_str().map(str::to_string))
             .collect(),
+        None | Some(Value::Null) => Some(Vec::new()),
         _ => None,
     };
     let Some(inputs) = inputs else {
-        let error =
-            json!({ "error": "fake ollama: \"input\" must be a string or an array of strings" });
-        conn.respond_json(400, &error, keep_alive).await?;
-        return Ok(Next::after(keep_alive));
+        return respond_json(400, &json!({ "error": "invalid input type" }));
     };
     state
         .embed_inputs
         .fetch_add(inputs.len() as u64, Ordering::SeqCst);
+    let dimensions = body
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .filter(|d| *d > 0)
+        .map(|d| d as usize);
     let vectors: Vec<Vec<f32>> = inputs
         .iter()
-        .map(|t| fake_embedding(t, state.dimensions))
+        .map(|t| {
+            let mut v = fake_embedding(t, state.dimensions);
+            if let Some(d) = dimensions.filter(|d| *d < v.len()) {
+                v.truncate(d);
+                normalise(&mut v);
+            }
+            v
+        })
         .collect();
     let reply = if legacy {
         json!({ "embedding": vectors.first().cloned().unwrap_or_default() })
     } else {
-        json!({ "model": model, "embeddings": vectors, "prompt_eval_count": inputs.len() })
+        json!({ "model": requested, "embeddings": vectors, "prompt_eval_count": inputs.len() })
     };
-    conn.respond_json(200, &reply, keep_alive).await?;
-    Ok(Next::after(keep_alive))
+    respond_json(200, &reply)
 }
 
 /// "Answer" and the passage markers (`[N]`) seen in the messages, in order, without repeats.
@@ -734,173 +1131,20 @@ fn derived_answer(messages: Option<&Value>) -> String {
 }
 
 /// Counts a streaming chat as active while alive.
-struct ActiveStream<'a>(&'a State);
+struct ActiveStream(Arc<State>);
 
-impl<'a> ActiveStream<'a> {
-    fn enter(state: &'a State) -> ActiveStream<'a> {
+impl ActiveStream {
+    fn enter(state: &Arc<State>) -> ActiveStream {
         let now = state.active_streams.fetch_add(1, Ordering::SeqCst) + 1;
         state
             .max_concurrent_streams
             .fetch_max(now, Ordering::SeqCst);
-        ActiveStream(state)
+        ActiveStream(Arc::clone(state))
     }
 }
 
-impl Drop for ActiveStream<'_> {
+impl Drop for ActiveStream {
     fn drop(&mut self) {
         self.0.active_streams.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Conn {
-    /// The next request, or `None` if the client closed the connection between requests.
-    async fn read_request(&mut self) -> std::io::Result<Option<Request>> {
-        use std::io::{Error, ErrorKind};
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            if self.buf.len() > MAX_HEAD_BYTES {
-                return Err(Error::new(ErrorKind::InvalidData, "request head too large"));
-            }
-            if self.read_more().await? == 0 {
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                return Err(Error::new(
-                    ErrorKind::UnexpectedEof,
-                    "connection closed mid-request",
-                ));
-            }
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let mut request_line = lines.next().unwrap_or("").split_whitespace();
-        let method = request_line.next().unwrap_or("").to_string();
-        let path = request_line.next().unwrap_or("").to_string();
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-            .collect();
-        let length: usize = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| {
-                v.parse()
-                    .map_err(|_| Error::new(ErrorKind::InvalidData, "bad content-length"))
-            })
-            .transpose()?
-            .unwrap_or(0);
-        if length > MAX_BODY_BYTES {
-            return Err(Error::new(ErrorKind::InvalidData, "request body too large"));
-        }
-        let body_start = head_end + 4;
-        while self.buf.len() < body_start + length {
-            if self.read_more().await? == 0 {
-                return Err(Error::new(
-                    ErrorKind::UnexpectedEof,
-                    "connection closed mid-body",
-                ));
-            }
-        }
-        let body = self.buf[body_start..body_start + length].to_vec();
-        self.buf.drain(..body_start + length);
-        Ok(Some(Request {
-            method,
-            path,
-            headers,
-            body,
-        }))
-    }
-
-    async fn read_more(&mut self) -> std::io::Result<usize> {
-        let mut chunk = [0u8; 8192];
-        let n = self.stream.read(&mut chunk).await?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
-    }
-
-    /// Sleeps until `until`, returning early with `false` if the client closes the connection.
-    async fn sleep_watching(&mut self, until: Instant) -> bool {
-        loop {
-            if Instant::now() >= until {
-                return true;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => return true,
-                read = self.read_more() => match read {
-                    Ok(0) | Err(_) => return false,
-                    Ok(_) => {} // a pipelined request: kept in buf
-                },
-            }
-        }
-    }
-
-    /// Waits until the client closes the connection (reading and discarding).
-    async fn wait_for_close(&mut self) {
-        loop {
-            match self.read_more().await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => self.buf.clear(),
-            }
-        }
-    }
-
-    async fn write_chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
-        let mut frame = format!("{:x}\r\n", data.len()).into_bytes();
-        frame.extend_from_slice(data);
-        frame.extend_from_slice(b"\r\n");
-        self.stream.write_all(&frame).await?;
-        self.stream.flush().await
-    }
-
-    async fn respond_json(
-        &mut self,
-        status: u16,
-        body: &Value,
-        keep_alive: bool,
-    ) -> std::io::Result<()> {
-        let body = body.to_string();
-        self.respond(
-            status,
-            "application/json; charset=utf-8",
-            body.as_bytes(),
-            keep_alive,
-        )
-        .await
-    }
-
-    async fn respond(
-        &mut self,
-        status: u16,
-        content_type: &str,
-        body: &[u8],
-        keep_alive: bool,
-    ) -> std::io::Result<()> {
-        let connection = if keep_alive { "keep-alive" } else { "close" };
-        let mut response = format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
-            reason(status),
-            body.len()
-        )
-        .into_bytes();
-        response.extend_from_slice(body);
-        self.stream.write_all(&response).await?;
-        self.stream.flush().await
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Status",
     }
 }
