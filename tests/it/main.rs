@@ -10,6 +10,7 @@ mod llm;
 mod metrics;
 mod nginx;
 mod ops;
+mod qdrant;
 mod rag;
 mod reload;
 mod systemd;

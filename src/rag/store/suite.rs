@@ -1,7 +1,9 @@
 //! The one behaviour both stores promise, written once and run against each backend: the
-//! embedded store always (a fresh temp dir per test), Qdrant when `RAGPOOL_TEST_QDRANT_URL`
-//! names a server (a fresh collection per test, dropped afterwards; optional
-//! `RAGPOOL_TEST_QDRANT_API_KEY`). Then what only the embedded store can show here: several
+//! embedded store always (a fresh temp dir per test), and a real Qdrant: the server named by
+//! `RAGPOOL_TEST_QDRANT_URL` (a fresh collection per test, dropped afterwards; optional
+//! `RAGPOOL_TEST_QDRANT_API_KEY`), else a Qdrant node of the test's own (the shared Qdrant
+//! binary, see `tests/it/support/qdrant.rs`; skipped when there is none, a failure under
+//! `RAGPOOL_REQUIRE_QDRANT=1`). Then what only the embedded store can show here: several
 //! forked processes sharing one file, and a store refusing to cross a fork.
 //!
 //! Tests that use SQLite hold [`SQLITE_IN_USE`] for reading; the fork tests take it for
@@ -19,6 +21,9 @@ use nix::unistd::{fork, ForkResult, Pid};
 use tempfile::TempDir;
 
 use super::{Store, StoreError};
+
+#[path = "../../../tests/it/support/qdrant.rs"]
+mod qdrant_server;
 use crate::config::{Distance, StoreBackend, StoreConfig};
 use crate::rag::text::Stems;
 use crate::rag::{content_hash, document_id, NewChunk, NewDocument, UpsertOutcome};
@@ -31,6 +36,8 @@ struct Backend {
     store: Store,
     /// The embedded store's directory, removed on drop.
     _dir: Option<TempDir>,
+    /// The test's own Qdrant node, killed on drop.
+    _qdrant: Option<qdrant_server::QdrantNode>,
 }
 
 impl Backend {
@@ -42,13 +49,24 @@ impl Backend {
         Backend {
             store,
             _dir: Some(dir),
+            _qdrant: None,
         }
     }
 
+    /// `None` when there is no Qdrant to test against (and it is not required).
     async fn qdrant(test: &str) -> Option<Backend> {
-        let url = std::env::var("RAGPOOL_TEST_QDRANT_URL")
+        let external = std::env::var("RAGPOOL_TEST_QDRANT_URL")
             .ok()
-            .filter(|url| !url.trim().is_empty())?;
+            .filter(|url| !url.trim().is_empty());
+        let (url, node) = match external {
+            Some(url) => (url, None),
+            None => {
+                // On this thread, not a blocking-pool one: the node dies with the thread that
+                // started it (PR_SET_PDEATHSIG), and this one lives as long as the test.
+                let node = qdrant_server::QdrantNode::start()?;
+                (node.url(), Some(node))
+            }
+        };
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -62,7 +80,11 @@ impl Backend {
             distance: Distance::Cosine,
         };
         let store = Store::open(&config).await.expect("open the qdrant store");
-        Some(Backend { store, _dir: None })
+        Some(Backend {
+            store,
+            _dir: None,
+            _qdrant: node,
+        })
     }
 
     async fn finish(self) {
@@ -103,7 +125,6 @@ macro_rules! both_backends {
                 #[tokio::test]
                 async fn $check() {
                     let Some(backend) = super::Backend::qdrant(stringify!($check)).await else {
-                        eprintln!("skipped: RAGPOOL_TEST_QDRANT_URL not set");
                         return;
                     };
                     super::$check(&backend.store).await;

@@ -8,6 +8,7 @@ pub mod http;
 pub mod llama;
 pub mod load;
 pub mod nginx;
+pub mod qdrant;
 pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
