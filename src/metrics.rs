@@ -8,7 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Routes, as labels. A fixed set keeps the label space (and the shared memory) bounded.
+/// Routes, as labels. A fixed set keeps the label space (and the shared memory) bounded;
+/// which request gets which label is the route table's ([`crate::http::routes`]).
 pub const ROUTES: [&str; 9] = [
     "page",
     "health",
@@ -46,25 +47,6 @@ pub const CAUSES: [&str; 6] = [
     "reload",
     "scale_down",
 ];
-
-/// The route label for a request path.
-pub fn route_of(path: &str) -> usize {
-    let name = match path {
-        "/" => "page",
-        "/health" => "health",
-        "/api/ask" => "ask",
-        "/api/ask/stream" => "ask_stream",
-        "/metrics" => "metrics",
-        "/status" => "status",
-        p if p == "/api/documents" || p.starts_with("/api/documents/") => "documents",
-        p if p.starts_with("/api/") => "not_found",
-        _ => "other",
-    };
-    ROUTES
-        .iter()
-        .position(|r| *r == name)
-        .unwrap_or(ROUTES.len() - 1)
-}
 
 /// Codes counted exactly, in the order of [`STATUSES`]; the four classes follow them.
 const EXACT_CODES: [u16; 21] = [
@@ -229,6 +211,10 @@ impl Snapshot {
 mod tests {
     use super::*;
 
+    fn route_of(label: &str) -> usize {
+        ROUTES.iter().position(|r| *r == label).unwrap()
+    }
+
     fn zeroed() -> Box<MetricCells> {
         // SAFETY: MetricCells is repr(C) atomics, for which all-zero bytes are valid.
         unsafe { Box::new(std::mem::zeroed()) }
@@ -237,9 +223,9 @@ mod tests {
     #[test]
     fn record_fold_and_read_back() {
         let worker = zeroed();
-        worker.record_request(route_of("/health"), 200, Duration::from_micros(300));
-        worker.record_request(route_of("/health"), 200, Duration::from_millis(30));
-        worker.record_request(route_of("/api/ask"), 418, Duration::from_secs(3));
+        worker.record_request(route_of("health"), 200, Duration::from_micros(300));
+        worker.record_request(route_of("health"), 200, Duration::from_millis(30));
+        worker.record_request(route_of("ask"), 418, Duration::from_secs(3));
         worker.record_stage("generate", Duration::from_secs(2));
         worker.add_tokens(7);
         worker.upstream_error("ollama");
@@ -250,15 +236,12 @@ mod tests {
         let mut snapshot = Snapshot::default();
         pool.add_to(&mut snapshot);
         worker.add_to(&mut snapshot);
-        let health = route_of("/health");
+        let health = route_of("health");
         assert_eq!(snapshot.requests(health, status_index(200)), 4);
-        assert_eq!(
-            snapshot.requests(route_of("/api/ask"), status_index(499)),
-            0
-        );
+        assert_eq!(snapshot.requests(route_of("ask"), status_index(499)), 0);
         assert_eq!(
             snapshot.requests(
-                route_of("/api/ask"),
+                route_of("ask"),
                 STATUSES.iter().position(|s| *s == "4xx").unwrap()
             ),
             2
@@ -285,12 +268,5 @@ mod tests {
             "1xx are not answered to requests here"
         );
         assert_eq!(STATUSES[status_index(599)], "5xx");
-    }
-
-    #[test]
-    fn routes_are_bounded() {
-        assert_eq!(ROUTES[route_of("/api/documents/abc")], "documents");
-        assert_eq!(ROUTES[route_of("/api/nope")], "not_found");
-        assert_eq!(ROUTES[route_of("/favicon.ico")], "other");
     }
 }

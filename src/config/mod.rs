@@ -42,6 +42,10 @@ pub mod defaults {
     pub const LIMIT_REQUEST_FIELD_SIZE: usize = 8190;
     pub const MAX_BODY_SIZE: u64 = 16 * 1024 * 1024;
     pub const HEADER_TIMEOUT_SECS: f64 = 10.0;
+    /// The body of a JSON question (`/api/ask`): a 2,000-character question is under 12 KiB
+    /// even with every character escaped.
+    pub const JSON_BODY_LIMIT: u64 = 32 * 1024;
+    pub const BODY_TIMEOUT_SECS: f64 = 30.0;
     pub const LOGLEVEL: &str = "info";
     pub const UNIX_SOCKET_MODE: u32 = 0o660;
 }
@@ -74,6 +78,9 @@ pub struct RequestLimits {
     pub field_size: usize,
     /// Largest request body in bytes; beyond it, 413.
     pub body: u64,
+    /// Largest body of the JSON question endpoints (`/api/ask`, `/api/ask/stream`), at most
+    /// `body`; beyond it, 413 while reading, so a huge body is never buffered.
+    pub json_body: u64,
 }
 
 /// The validated configuration of one generation of workers.
@@ -106,6 +113,8 @@ pub struct Config {
     pub limits: RequestLimits,
     /// A client must send a complete request head within this time.
     pub header_timeout: Duration,
+    /// A client must send a complete request body within this time after its head; else 408.
+    pub body_timeout: Duration,
     /// Access log (`None` = off, as Gunicorn's default).
     pub accesslog: Option<LogTarget>,
     /// Error log: the master's and workers' `log` output.
@@ -481,7 +490,9 @@ fn overlay(base: &mut RawConfig, top: RawConfig) {
         limit_request_fields,
         limit_request_field_size,
         max_body_size,
+        json_body_limit,
         header_timeout,
+        body_timeout,
         accesslog,
         errorlog,
         loglevel,
@@ -696,12 +707,25 @@ fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
                 defaults::MAX_BODY_SIZE,
                 0,
             )?,
+            json_body: count(
+                loader,
+                "json_body_limit",
+                raw.json_body_limit,
+                defaults::JSON_BODY_LIMIT,
+                64,
+            )?,
         },
         header_timeout: seconds(
             loader,
             "header_timeout",
             raw.header_timeout,
             defaults::HEADER_TIMEOUT_SECS,
+        )?,
+        body_timeout: seconds(
+            loader,
+            "body_timeout",
+            raw.body_timeout,
+            defaults::BODY_TIMEOUT_SECS,
         )?,
         accesslog: path_value(raw.accesslog).map(|s| LogTarget::parse(&s)),
         errorlog: path_value(raw.errorlog)
@@ -770,7 +794,9 @@ impl Config {
         let _ = writeln!(out, "limit_request_fields = {}", self.limits.fields);
         let _ = writeln!(out, "limit_request_field_size = {}", self.limits.field_size);
         let _ = writeln!(out, "max_body_size = {}", self.limits.body);
+        let _ = writeln!(out, "json_body_limit = {}", self.limits.json_body);
         let _ = writeln!(out, "header_timeout = {}", secs(self.header_timeout));
+        let _ = writeln!(out, "body_timeout = {}", secs(self.body_timeout));
         let _ = writeln!(
             out,
             "accesslog = {}",

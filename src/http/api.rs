@@ -1,25 +1,28 @@
-//! The app's routes: the chat page, `/health`, `/api/ask`, `/api/ask/stream`, `/api/documents`.
+//! The app's handlers: the chat page, `/health`, `/metrics`, `/status`, `/api/ask`,
+//! `/api/ask/stream`, `/api/documents`, dispatched on the [`Endpoint`] the route table chose.
 //!
-//! Input is checked here and every failure is an [`ApiError`] (400/401/403/404/405/413/415/422),
-//! so a bad request gets a clear JSON error, never a crash or a hang.
+//! Input is checked here and every failure is an [`ApiError`] (400/401/403/404/405/408/413/
+//! 415/422), so a bad request gets a clear JSON error, never a crash or a hang. What a public
+//! answer shows is decided here too: `/health` details and document paths only where trusted.
 
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::forwarded::Client;
-use super::sse::EventBody;
+use super::limits::read_body;
+use super::routes::{BodyLimit, Endpoint, Route};
 use super::{full, json, ApiError, Body};
 use crate::config::{Config, MAX_TOP_K};
 use crate::rag::engine::{Answer, Event, Mode, Rag, Timings};
-use crate::rag::ingest::{self, IngestError};
+use crate::rag::ingest;
 use crate::rag::UpsertOutcome;
 use crate::scoreboard::{Scoreboard, Slot};
 
@@ -28,48 +31,11 @@ const INDEX_HTML: &str = include_str!("../../assets/index.html");
 /// Events buffered between the pipeline and a slow client.
 const EVENT_BUFFER: usize = 64;
 
-/// What a request asks for, decided from its method and path alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    Page,
-    Health,
-    Metrics,
-    Status,
-    Ask,
-    AskStream,
-    ListDocuments,
-    Upload,
-    Delete,
-    WrongMethod,
-    NotFound,
-}
-
-impl Route {
-    fn of(method: &Method, path: &str) -> Route {
-        match (method, path) {
-            (&Method::GET | &Method::HEAD, "/") => Route::Page,
-            (&Method::GET | &Method::HEAD, "/health") => Route::Health,
-            (&Method::GET, "/metrics") => Route::Metrics,
-            (&Method::GET, "/status") => Route::Status,
-            (&Method::POST, "/api/ask") => Route::Ask,
-            (&Method::POST, "/api/ask/stream") => Route::AskStream,
-            (&Method::GET, "/api/documents") => Route::ListDocuments,
-            (&Method::POST, "/api/documents") => Route::Upload,
-            (&Method::DELETE, p) if p.starts_with("/api/documents/") => Route::Delete,
-            (
-                _,
-                "/" | "/health" | "/metrics" | "/status" | "/api/ask" | "/api/ask/stream"
-                | "/api/documents",
-            ) => Route::WrongMethod,
-            _ => Route::NotFound,
-        }
-    }
-}
-
 pub struct Api {
     pub rag: Rc<Rag>,
     pub admin_token: Option<String>,
-    pub max_body: u64,
+    /// `docs_dir`, absolute: document sources under it are shown relative to it.
+    pub docs_dir: PathBuf,
     /// The pool's shared scoreboard: `/metrics` and `/status` read it, answers record into
     /// this worker's slot.
     pub board: &'static Scoreboard,
@@ -82,13 +48,26 @@ impl Api {
     pub async fn route(
         &self,
         request: Request<Incoming>,
+        route: Route,
         client: Client,
     ) -> Result<Response<Body>, ApiError> {
-        // Decided on borrowed method and path (no allocation), then `request` moves on.
-        match Route::of(request.method(), request.uri().path()) {
-            Route::Page => Ok(page()),
-            Route::Health => Ok(self.health().await),
-            Route::Metrics => {
+        let endpoint = match route.endpoint {
+            Ok(endpoint) => endpoint,
+            Err(true) => {
+                return Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method not allowed for this path",
+                ))
+            }
+            Err(false) => return Err(ApiError::not_found()),
+        };
+        match endpoint {
+            Endpoint::Page => Ok(page()),
+            Endpoint::Health => {
+                let detailed = client.is_local() || self.bearer_matches(&request);
+                Ok(self.health(detailed).await)
+            }
+            Endpoint::Metrics => {
                 self.authorize_internal(&request, client)?;
                 let stats = self.rag.store().stats().await.ok();
                 let mut response =
@@ -99,30 +78,37 @@ impl Api {
                 );
                 Ok(response)
             }
-            Route::Status => {
+            Endpoint::Status => {
                 self.authorize_internal(&request, client)?;
                 Ok(json(
                     StatusCode::OK,
                     &super::metrics::status(self.board, self.config.path.as_deref()),
                 ))
             }
-            Route::Ask => self.ask(request).await,
-            Route::AskStream => self.ask_stream(request).await,
-            Route::ListDocuments => self.list_documents().await,
-            Route::Upload => self.upload(request).await,
-            Route::Delete => {
+            Endpoint::Ask => self.ask(request, route.body).await,
+            Endpoint::AskStream => self.ask_stream(request, route.body).await,
+            Endpoint::ListDocuments => self.list_documents().await,
+            Endpoint::Upload => self.upload(request, route.body).await,
+            Endpoint::Delete => {
                 let id = request.uri().path()["/api/documents/".len()..].to_string();
                 self.delete_document(&request, &id).await
             }
-            Route::WrongMethod => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed for this path",
-            )),
-            Route::NotFound => Err(ApiError::not_found()),
         }
     }
 
-    async fn health(&self) -> Response<Body> {
+    /// The whole body within the route's limit and `body_timeout`.
+    async fn body(&self, request: Request<Incoming>, limit: BodyLimit) -> Result<Bytes, ApiError> {
+        read_body(
+            request.into_body(),
+            limit.bytes(&self.config.limits),
+            self.config.body_timeout,
+        )
+        .await
+    }
+
+    /// Anyone sees ok/degraded/down per component; `detailed` (a local client or the admin
+    /// token) also sees counts, backends and the reasons, which may name internal hosts.
+    async fn health(&self, detailed: bool) -> Response<Body> {
         let health = self.rag.health().await;
         let mut down = Vec::new();
         if health.store.status != "ok" {
@@ -137,6 +123,19 @@ impl Api {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
+        if !detailed {
+            return json(
+                code,
+                &json!({
+                    "status": status,
+                    "degraded": down,
+                    "pid": std::process::id(),
+                    "store": { "status": health.store.status },
+                    "llm": { "status": health.llm.status },
+                    "embed": health.embed,
+                }),
+            );
+        }
         json(
             code,
             &json!({
@@ -152,8 +151,12 @@ impl Api {
         )
     }
 
-    async fn ask(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let (question, top_k) = self.read_question(request).await?;
+    async fn ask(
+        &self,
+        request: Request<Incoming>,
+        limit: BodyLimit,
+    ) -> Result<Response<Body>, ApiError> {
+        let (question, top_k) = self.read_question(request, limit).await?;
         let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
         let rag = Rc::clone(&self.rag);
         tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
@@ -186,13 +189,17 @@ impl Api {
         ))
     }
 
-    async fn ask_stream(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let (question, top_k) = self.read_question(request).await?;
+    async fn ask_stream(
+        &self,
+        request: Request<Incoming>,
+        limit: BodyLimit,
+    ) -> Result<Response<Body>, ApiError> {
+        let (question, top_k) = self.read_question(request, limit).await?;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let rag = Rc::clone(&self.rag);
         tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
         let metrics = self.config.metrics.then_some(&self.slot.metrics);
-        let mut response = Response::new(Box::pin(EventBody::new(rx, metrics)) as Body);
+        let mut response = Response::new(Body::events(rx, metrics));
         let headers = response.headers_mut();
         headers.insert(
             CONTENT_TYPE,
@@ -205,9 +212,13 @@ impl Api {
     }
 
     /// `{question, top_k?}` as JSON; every way it can be wrong has its status.
-    async fn read_question(&self, request: Request<Incoming>) -> Result<(String, usize), ApiError> {
+    async fn read_question(
+        &self,
+        request: Request<Incoming>,
+        limit: BodyLimit,
+    ) -> Result<(String, usize), ApiError> {
         require_json(&request)?;
-        let body = read_body(request, self.max_body).await?;
+        let body = self.body(request, limit).await?;
         let value: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
         let question = value
@@ -251,21 +262,23 @@ impl Api {
     }
 
     async fn list_documents(&self) -> Result<Response<Body>, ApiError> {
-        let documents = self
-            .rag
-            .store()
-            .list_documents()
-            .await
-            .map_err(store_unavailable)?;
+        let mut documents = self.rag.store().list_documents().await?;
+        for document in &mut documents {
+            document.source = public_source(&document.source, &self.docs_dir);
+        }
         Ok(json(StatusCode::OK, &json!({ "documents": documents })))
     }
 
-    async fn upload(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn upload(
+        &self,
+        request: Request<Incoming>,
+        limit: BodyLimit,
+    ) -> Result<Response<Body>, ApiError> {
         self.authorize(&request)?;
         let content_type = header(&request, CONTENT_TYPE).unwrap_or_default();
         let mut documents = Vec::new();
         if content_type.starts_with("application/json") {
-            let body = read_body(request, self.max_body).await?;
+            let body = self.body(request, limit).await?;
             let value: Value = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}"))
             })?;
@@ -284,12 +297,12 @@ impl Api {
                     "`title` and `text` must be non-empty strings",
                 ));
             }
-            documents.push(ingest::from_text(&title, &text).map_err(ingest_error)?);
+            documents.push(ingest::from_text(&title, &text)?);
         } else if content_type.starts_with("multipart/form-data") {
             let boundary = multer::parse_boundary(&content_type).map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}"))
             })?;
-            let body = read_body(request, self.max_body).await?;
+            let body = self.body(request, limit).await?;
             let stream =
                 futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
             let mut multipart = multer::Multipart::new(stream, boundary);
@@ -308,13 +321,14 @@ impl Api {
                     ingest::load_bytes(&name, &bytes, field_type.as_deref())
                 })
                 .await
-                .map_err(|_| {
-                    ApiError::new(
+                .map_err(|e| {
+                    ApiError::internal(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         "the document could not be parsed",
+                        &e,
                     )
                 })?;
-                documents.push(loaded.map_err(ingest_error)?);
+                documents.push(loaded?);
             }
             if documents.is_empty() {
                 return Err(ApiError::new(
@@ -331,10 +345,7 @@ impl Api {
         let mut results = Vec::new();
         for document in documents {
             let title = document.title.clone();
-            let outcome = self.rag.ingest(document).await.map_err(|e| {
-                log::error!("ingest failed: {e}");
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
-            })?;
+            let outcome = self.rag.ingest(document).await?;
             let (id, what) = match &outcome {
                 UpsertOutcome::Inserted(id) => (id, "inserted"),
                 UpsertOutcome::Replaced(id) => (id, "replaced"),
@@ -354,13 +365,7 @@ impl Api {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "no such document"));
         }
-        match self
-            .rag
-            .store()
-            .delete_document(id)
-            .await
-            .map_err(store_unavailable)?
-        {
+        match self.rag.store().delete_document(id).await? {
             true => Ok(json(StatusCode::OK, &json!({ "deleted": id }))),
             false => Err(ApiError::new(StatusCode::NOT_FOUND, "no such document")),
         }
@@ -375,8 +380,7 @@ impl Api {
     ) -> Result<(), ApiError> {
         // A forwarded address is only believed from a trusted proxy, so a loopback one means
         // the proxy itself says the client is on this machine.
-        let local = client.ip.is_none() || client.is_loopback();
-        if local || self.bearer_matches(request) {
+        if client.is_local() || self.bearer_matches(request) {
             Ok(())
         } else {
             Err(ApiError::new(
@@ -390,9 +394,7 @@ impl Api {
         let Some(expected) = &self.admin_token else {
             return false;
         };
-        let given = header(request, AUTHORIZATION).unwrap_or_default();
-        let token = given.strip_prefix("Bearer ").unwrap_or_default().trim();
-        constant_time_eq(token.as_bytes(), expected.as_bytes())
+        constant_time_eq(bearer_token(request).as_bytes(), expected.as_bytes())
     }
 
     fn authorize(&self, request: &Request<Incoming>) -> Result<(), ApiError> {
@@ -403,9 +405,7 @@ impl Api {
                  'Authorization: Bearer <token>' (or use `ragpool ingest` on the server)",
             ));
         };
-        let given = header(request, AUTHORIZATION).unwrap_or_default();
-        let token = given.strip_prefix("Bearer ").unwrap_or_default().trim();
-        if constant_time_eq(token.as_bytes(), expected.as_bytes()) {
+        if constant_time_eq(bearer_token(request).as_bytes(), expected.as_bytes()) {
             Ok(())
         } else {
             Err(ApiError::new(
@@ -448,43 +448,72 @@ fn require_json(request: &Request<Incoming>) -> Result<(), ApiError> {
     }
 }
 
-/// The whole body, or 413 past `limit` (declared lengths were checked before routing).
-async fn read_body(request: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
-    Limited::new(request.into_body(), limit as usize)
-        .collect()
-        .await
-        .map(|collected| collected.to_bytes())
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body exceeds max_body_size ({limit} bytes)"),
-                )
-            } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "could not read the request body")
-            }
-        })
+/// The token of `Authorization: Bearer <token>`; the scheme name is case-insensitive
+/// (RFC 7235 section 2.1). Empty when absent or another scheme.
+fn bearer_token<B>(request: &Request<B>) -> &str {
+    let given = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .trim_start();
+    match given.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => "",
+    }
 }
 
-fn ingest_error(e: IngestError) -> ApiError {
-    let status = match e {
-        IngestError::Unsupported { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        _ => StatusCode::UNPROCESSABLE_ENTITY,
-    };
-    ApiError::new(status, e.to_string())
-}
-
-fn store_unavailable(e: crate::rag::store::StoreError) -> ApiError {
-    log::error!("store error: {e}");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the document store is unavailable",
-    )
+/// A document's source as a public listing shows it: as ingested when relative (an upload's
+/// name, `docs/guide.md`); an absolute path relative to `docs_dir` when under it, else only
+/// its file name. The server's file layout is not the public's business.
+fn public_source(source: &str, docs_dir: &Path) -> String {
+    let path = Path::new(source);
+    if !path.is_absolute() {
+        return source.to_string();
+    }
+    if let Ok(rest) = path.strip_prefix(docs_dir) {
+        if !rest.as_os_str().is_empty() {
+            return rest.to_string_lossy().into_owned();
+        }
+    }
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let with = |value: &str| {
+            Request::get("/")
+                .header(AUTHORIZATION, value)
+                .body(())
+                .unwrap()
+        };
+        for value in ["Bearer ops", "bearer ops", "BEARER  ops ", "BeArEr ops"] {
+            assert_eq!(bearer_token(&with(value)), "ops", "{value:?}");
+        }
+        for value in ["Basic ops", "Bearerops", "ops", ""] {
+            assert_eq!(bearer_token(&with(value)), "", "{value:?}");
+        }
+    }
+
+    #[test]
+    fn public_sources_are_never_absolute() {
+        let docs = Path::new("/srv/ragpool/docs");
+        assert_eq!(public_source("docs/guide.md", docs), "docs/guide.md");
+        assert_eq!(public_source("Backups", docs), "Backups");
+        assert_eq!(
+            public_source("/srv/ragpool/docs/en/guide.md", docs),
+            "en/guide.md"
+        );
+        assert_eq!(public_source("/home/ops/secret/notes.md", docs), "notes.md");
+    }
 }

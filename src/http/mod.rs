@@ -1,81 +1,33 @@
 //! The HTTP boundary between the pool and the app.
 //!
-//! A worker hands every request that passed [`limits`] to [`App::handle`] and gets a response
-//! back; nothing here knows about processes. Errors become status codes in exactly one place,
-//! [`ApiError::into_response`], and bodies never carry internal details.
+//! A worker hands hyper one [`service::service`] per connection; that service owns the whole
+//! request path (client address, limits, overload, routing from the one table in [`routes`],
+//! access log and metrics) and calls [`App::handle`] for the app's answer. Nothing here knows
+//! about processes or sockets. Errors become status codes in exactly one place,
+//! [`ApiError::into_response`] ([`error`]), and bodies never carry internal details; every
+//! response body is one type, [`Body`].
 
 pub mod access_log;
 pub mod api;
+pub mod body;
+pub mod error;
 pub mod forwarded;
 pub mod limits;
 pub mod metrics;
+pub mod routes;
+pub mod service;
 pub mod sse;
 
-use std::convert::Infallible;
-
-use std::pin::Pin;
 use std::rc::Rc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
+
+pub use body::{full, json, Body};
+pub use error::ApiError;
+use routes::Route;
 
 use crate::config::Config;
-
-/// Every response body: a full buffer or a stream. Not `Send`: a worker is one thread.
-pub type Body = Pin<Box<dyn hyper::body::Body<Data = Bytes, Error = std::io::Error>>>;
-
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Box::pin(Full::new(bytes.into()).map_err(|never: Infallible| match never {}))
-}
-
-/// A JSON response.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(full(value.to_string()));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-/// An error a client can act on: status and a message safe to show.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-
-    pub fn not_found() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not found")
-    }
-
-    /// The one place an error becomes a response.
-    pub fn into_response(self) -> Response<Body> {
-        let mut response = json(self.status, &serde_json::json!({ "error": self.message }));
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -102,9 +54,10 @@ impl App {
         let rag = Rc::new(rag);
         Ok(App {
             api: api::Api {
+                docs_dir: std::path::absolute(&config.rag.docs_dir)
+                    .unwrap_or_else(|_| config.rag.docs_dir.clone()),
                 rag,
                 admin_token: config.admin_token.clone(),
-                max_body: config.limits.body,
                 board,
                 slot,
                 config: std::sync::Arc::clone(config),
@@ -116,12 +69,14 @@ impl App {
         &self.api.rag
     }
 
+    /// The app's answer to a request that passed the head limits.
     pub async fn handle(
         &self,
         request: Request<Incoming>,
+        route: Route,
         client: forwarded::Client,
     ) -> Response<Body> {
-        match self.api.route(request, client).await {
+        match self.api.route(request, route, client).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         }

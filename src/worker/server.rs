@@ -1,4 +1,6 @@
-//! The worker's server: accept loops, one task per connection, graceful drain.
+//! The worker's server: accept loops, one task per connection, graceful drain. What happens
+//! to a request once hyper parsed its head is [`crate::http::service`]'s; this module only owns
+//! sockets: accepting, keep-alive idleness, closing and draining.
 //!
 //! Backpressure is explicit: at most `worker_connections` connections are served normally; the
 //! next ones get a fast `503` with `Retry-After` and are closed, instead of piling up.
@@ -10,28 +12,21 @@
 //! SIGINT exits at once.
 
 use std::cell::Cell;
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::io::{Listener, Peer, Stream};
 use crate::config::Config;
-use crate::http::access_log::{AccessLog, Entry};
-use crate::http::{forwarded, limits, ApiError, App, Body};
+use crate::http::access_log::AccessLog;
+use crate::http::service::{self, Conn, Server};
+use crate::http::{limits, App};
 use crate::scoreboard::{Slot, SlotState};
 
 /// Pause after a failed `accept` (e.g. EMFILE) before trying again; never fatal.
@@ -60,8 +55,8 @@ impl StopSignals {
 pub struct Shared {
     config: Arc<Config>,
     slot: &'static Slot,
-    app: App,
-    access_log: AccessLog,
+    /// The request path, shared by every connection.
+    server: Rc<Server>,
     /// hyper's connection settings, built once from the config.
     http: http1::Builder,
     /// Connections open now: for `worker_connections` and to know when a drain is done.
@@ -88,20 +83,11 @@ impl Shared {
         app: App,
         access_log: AccessLog,
     ) -> Rc<Shared> {
-        let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .keep_alive(!config.keepalive.is_zero())
-            .max_headers(config.limits.fields)
-            .max_buf_size(limits::max_head_bytes(&config.limits))
-            .header_read_timeout(
-                (!config.header_timeout.is_zero()).then_some(config.header_timeout),
-            );
         Rc::new(Shared {
+            http: limits::http1_builder(&config),
+            server: Rc::new(Server::new(Arc::clone(&config), slot, app, access_log)),
             config,
             slot,
-            app,
-            access_log,
-            http,
             open: Cell::new(0),
             all_closed: Notify::new(),
             stop: watch::channel(false).0,
@@ -134,6 +120,7 @@ pub async fn serve(listeners: Vec<Listener>, shared: Rc<Shared>, mut signals: St
     }
     log::info!("worker draining: {} connections open", shared.open.get());
     shared.slot.set_state(SlotState::Draining);
+    shared.server.start_draining();
     shared.stop.send_replace(true);
     for accept_loop in accept_loops {
         let _ = accept_loop.await;
@@ -158,7 +145,7 @@ pub async fn serve(listeners: Vec<Listener>, shared: Rc<Shared>, mut signals: St
 }
 
 fn reopen_logs(shared: &Shared) {
-    if let Err(e) = shared.access_log.reopen() {
+    if let Err(e) = shared.server.access_log().reopen() {
         log::error!("{e}");
     }
     if let Err(e) = crate::logging::reopen_error_log() {
@@ -193,17 +180,6 @@ async fn accept_loop(listener: Listener, shared: Rc<Shared>) {
     }
 }
 
-/// Per-connection bookkeeping shared with its requests.
-struct ConnState {
-    in_flight: Cell<u32>,
-    requests: Cell<u64>,
-    /// When the last response finished: the start of keep-alive idleness.
-    last_done: Cell<Instant>,
-    /// Woken when a request starts (a connection told to drain before its first request
-    /// closes after that request).
-    request_started: Notify,
-}
-
 fn start_connection(shared: &Rc<Shared>, stream: Stream, peer: Peer, draining: bool) {
     let overloaded = shared.open.get() >= shared.config.worker_connections;
     shared.open.set(shared.open.get() + 1);
@@ -228,25 +204,17 @@ async fn serve_connection(
     draining: bool,
     mut stop: watch::Receiver<bool>,
 ) {
-    let state = Rc::new(ConnState {
-        in_flight: Cell::new(0),
-        requests: Cell::new(0),
-        last_done: Cell::new(Instant::now()),
-        request_started: Notify::new(),
-    });
-    let service = {
-        let shared = Rc::clone(&shared);
-        let state = Rc::clone(&state);
-        service_fn(move |request| {
-            handle(
-                Rc::clone(&shared),
-                Rc::clone(&state),
-                peer,
-                overloaded,
-                request,
-            )
-        })
+    let state = Conn::new();
+    let peer_ip = match peer {
+        Peer::Ip(addr) => Some(addr.ip()),
+        Peer::Unix => None,
     };
+    let service = service::service(
+        Rc::clone(&shared.server),
+        Rc::clone(&state),
+        peer_ip,
+        overloaded,
+    );
     let mut builder = shared.http.clone();
     if overloaded || draining {
         builder.keep_alive(false);
@@ -258,10 +226,10 @@ async fn serve_connection(
     // While draining: close once a request beyond this count has started.
     let mut close_after: Option<u64> = None;
     loop {
-        let idle_deadline = if state.in_flight.get() > 0 || state.requests.get() == 0 {
+        let idle_deadline = if state.in_flight() > 0 || state.requests() == 0 {
             Instant::now() + keepalive
         } else {
-            state.last_done.get() + keepalive
+            state.last_done() + keepalive
         };
         tokio::select! {
             result = conn.as_mut() => {
@@ -271,7 +239,7 @@ async fn serve_connection(
                 break;
             }
             _ = stop.changed(), if !shutting_down && close_after.is_none() => {
-                if state.in_flight.get() > 0 {
+                if state.in_flight() > 0 {
                     // Finish the request in flight (its response says Connection: close), then close.
                     conn.as_mut().graceful_shutdown();
                     shutting_down = true;
@@ -281,18 +249,18 @@ async fn serve_connection(
                     // connection, and a POST is not retried. Serve that request with
                     // Connection: close instead; if none comes, the keep-alive timer (or the
                     // header timeout) closes the connection.
-                    close_after = Some(state.requests.get());
+                    close_after = Some(state.requests());
                 }
             }
             _ = state.request_started.notified(), if close_after.is_some() && !shutting_down => {
-                if close_after.is_some_and(|seen| state.requests.get() > seen) {
+                if close_after.is_some_and(|seen| state.requests() > seen) {
                     conn.as_mut().graceful_shutdown();
                     shutting_down = true;
                 }
             }
             _ = tokio::time::sleep_until(idle_deadline), if !shutting_down => {
-                let idle = state.in_flight.get() == 0 && state.requests.get() > 0;
-                if idle && state.last_done.get().elapsed() >= keepalive {
+                let idle = state.in_flight() == 0 && state.requests() > 0;
+                if idle && state.last_done().elapsed() >= keepalive {
                     conn.as_mut().graceful_shutdown();
                     shutting_down = true;
                 }
@@ -303,180 +271,5 @@ async fn serve_connection(
     shared.open.set(shared.open.get() - 1);
     if shared.open.get() == 0 {
         shared.all_closed.notify_waiters();
-    }
-}
-
-async fn handle(
-    shared: Rc<Shared>,
-    state: Rc<ConnState>,
-    peer: Peer,
-    overloaded: bool,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    let peer_ip = match peer {
-        Peer::Ip(addr) => Some(addr.ip()),
-        Peer::Unix => None,
-    };
-    let client = forwarded::client(
-        peer_ip,
-        request.headers(),
-        &shared.config.forwarded_allow_ips,
-    );
-    let mut guard = RequestGuard::begin(Rc::clone(&shared), state, client, &request);
-    let response = if overloaded {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this worker is at worker_connections; retry shortly",
-        )
-        .into_response()
-    } else {
-        match limits::check_head(&request, &shared.config.limits) {
-            Err(error) => error.into_response(),
-            Ok(()) => shared.app.handle(request, client).await,
-        }
-    };
-    guard.status = response.status().as_u16();
-    let (mut parts, body) = response.into_parts();
-    if *shared.stop.borrow() {
-        // Tell keep-alive clients (and nginx's upstream pool) not to reuse this connection.
-        parts
-            .headers
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    let body: Body = Box::pin(LoggedBody {
-        inner: body,
-        guard: Some(guard),
-    });
-    Ok(Response::from_parts(parts, body))
-}
-
-/// Lives from the start of a request to the end (or drop) of its response body; on drop it
-/// writes the access line and settles the counters, whatever way the request ended.
-struct RequestGuard {
-    shared: Rc<Shared>,
-    conn: Rc<ConnState>,
-    client: forwarded::Client,
-    started: std::time::Instant,
-    /// Only captured when the access log is on.
-    request_line: String,
-    referer: String,
-    user_agent: String,
-    /// 499 (nginx's "client closed request") until a response exists.
-    status: u16,
-    /// Index into [`crate::metrics::ROUTES`].
-    route: usize,
-    bytes: u64,
-}
-
-impl RequestGuard {
-    fn begin(
-        shared: Rc<Shared>,
-        conn: Rc<ConnState>,
-        client: forwarded::Client,
-        request: &Request<Incoming>,
-    ) -> RequestGuard {
-        shared.slot.request_started();
-        conn.in_flight.set(conn.in_flight.get() + 1);
-        conn.requests.set(conn.requests.get() + 1);
-        conn.request_started.notify_one();
-        let (request_line, referer, user_agent) = if shared.access_log.is_on() {
-            let header = |name| {
-                request
-                    .headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-")
-                    .to_string()
-            };
-            (
-                format!(
-                    "{} {} {:?}",
-                    request.method(),
-                    request.uri(),
-                    request.version()
-                ),
-                header(hyper::header::REFERER),
-                header(hyper::header::USER_AGENT),
-            )
-        } else {
-            Default::default()
-        };
-        RequestGuard {
-            shared,
-            conn,
-            client,
-            started: std::time::Instant::now(),
-            request_line,
-            referer,
-            user_agent,
-            status: 499,
-            route: crate::metrics::route_of(request.uri().path()),
-            bytes: 0,
-        }
-    }
-}
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        self.shared.slot.request_finished();
-        if self.shared.config.metrics {
-            self.shared.slot.metrics.record_request(
-                self.route,
-                self.status,
-                self.started.elapsed(),
-            );
-        }
-        self.conn.in_flight.set(self.conn.in_flight.get() - 1);
-        self.conn.last_done.set(Instant::now());
-        if !self.shared.access_log.is_on() {
-            return; // nothing below is needed, and the host string would be an allocation
-        }
-        self.shared.access_log.write(&Entry {
-            remote: &self.client.host(),
-            request_line: &self.request_line,
-            status: self.status,
-            bytes: self.bytes,
-            referer: &self.referer,
-            user_agent: &self.user_agent,
-            duration: self.started.elapsed(),
-        });
-    }
-}
-
-/// A response body that counts its bytes and finishes its request when it ends or is dropped.
-struct LoggedBody {
-    inner: Body,
-    guard: Option<RequestGuard>,
-}
-
-impl HttpBody for LoggedBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = self.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(guard)) = (frame.data_ref(), self.guard.as_mut()) {
-                    guard.bytes += data.len() as u64;
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                self.guard.take();
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
