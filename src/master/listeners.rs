@@ -216,10 +216,15 @@ const LISTEN_FDS_START: RawFd = 3;
 
 impl Listeners {
     /// The sockets an old master handed over on USR2 (`RAGPOOL_LISTEN_FDS`), if any. Unix
-    /// socket files now belong to this master. Clears the variable.
+    /// socket files now belong to this master, unless systemd passed the sockets to the old one
+    /// (`RAGPOOL_LISTEN_ACTIVATED=1`): then they stay systemd's, and `bind` stays ignored.
+    /// Clears the variables.
     pub fn from_old_master() -> Option<Result<Listeners, ListenError>> {
         let fds = std::env::var(super::upgrade::ENV_LISTEN_FDS).ok()?;
+        let activated =
+            std::env::var_os(super::upgrade::ENV_LISTEN_ACTIVATED).is_some_and(|v| v == "1");
         std::env::remove_var(super::upgrade::ENV_LISTEN_FDS);
+        std::env::remove_var(super::upgrade::ENV_LISTEN_ACTIVATED);
         let mut all = Vec::new();
         for fd in fds
             .split(',')
@@ -242,7 +247,7 @@ impl Listeners {
                 },
                 Err(e) => return Some(Err(err(e))),
             };
-            let owns_path = matches!(local, BindAddr::Unix(_));
+            let owns_path = !activated && matches!(local, BindAddr::Unix(_));
             // A reuse-port port holder is bound but not listening; keep it that way.
             let listening = socket.is_listener().unwrap_or(true);
             all.push(Listener {
@@ -253,15 +258,13 @@ impl Listeners {
                 owns_path,
             });
         }
-        Some(Ok(Listeners {
-            all,
-            activated: false,
-        }))
+        Some(Ok(Listeners { all, activated }))
     }
 
     /// Gives up (or takes back) the removal of unix socket files on drop: an old master hands
-    /// them to its successor during an upgrade.
+    /// them to its successor during an upgrade. Activated sockets' files are never ours.
     pub fn set_owns_paths(&mut self, owns: bool) {
+        let owns = owns && !self.activated;
         for listener in self
             .all
             .iter_mut()

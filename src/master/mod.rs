@@ -184,7 +184,7 @@ pub struct Arbiter {
     /// The binary and arguments to exec on USR2.
     exe: Executable,
     /// A new master started by USR2 that has not yet taken over.
-    upgrade: Option<Pid>,
+    upgrade: Option<upgrade::NewMaster>,
     /// When this master was started by USR2: the old master to stop once we serve.
     upgraded_from: Option<Pid>,
     /// Seed for `max_requests_jitter`.
@@ -356,6 +356,10 @@ impl Arbiter {
     // ----- reaping -------------------------------------------------------------------------
 
     fn reap_workers(&mut self) {
+        if let Some(new_master) = self.upgrade.take_if(|m| m.has_exited()) {
+            log::error!("Upgrade failed: the new master (pid {}) exited before taking over; this master keeps serving", new_master.pid);
+            self.abort_upgrade();
+        }
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
@@ -374,12 +378,6 @@ impl Arbiter {
     }
 
     fn on_worker_exit(&mut self, pid: Pid, how: ExitKind) {
-        if self.upgrade == Some(pid) {
-            self.upgrade = None;
-            log::error!("Upgrade failed: the new master (pid {pid}) {how} before taking over; this master keeps serving");
-            self.abort_upgrade();
-            return;
-        }
         let Some(worker) = self.workers.remove(&pid) else {
             log::debug!("reaped unknown child {pid} ({how})");
             return;
@@ -635,8 +633,11 @@ impl Arbiter {
 
     /// USR2: rename the pidfile to `.oldbin`, hand the unix socket files over, exec the binary.
     fn start_upgrade(&mut self) {
-        if let Some(pid) = self.upgrade {
-            log::warn!("An upgrade (new master pid {pid}) is already in progress");
+        if let Some(new_master) = &self.upgrade {
+            log::warn!(
+                "An upgrade (new master pid {}) is already in progress",
+                new_master.pid
+            );
             return;
         }
         if let Some(pidfile) = &mut self.pidfile {
@@ -650,13 +651,15 @@ impl Arbiter {
             }
         }
         self.listeners.set_owns_paths(false);
-        match upgrade::exec_new_master(&self.exe, &self.listeners.fds()) {
-            Ok(pid) => {
+        let activated = self.listeners.activated;
+        match upgrade::exec_new_master(&self.exe, &self.listeners.fds(), activated) {
+            Ok(new_master) => {
                 log::info!(
-                    "Upgrading: started new master {pid} ({})",
+                    "Upgrading: started new master {} ({})",
+                    new_master.pid,
                     self.exe.path.display()
                 );
-                self.upgrade = Some(pid);
+                self.upgrade = Some(new_master);
             }
             Err(e) => {
                 log::error!("Upgrade failed: {e}");
@@ -908,10 +911,10 @@ impl Arbiter {
                 self.config.graceful_timeout + RETIRE_GRACE,
             )
         };
-        if let Some(successor) = self.upgrade {
+        if let Some(successor) = &self.upgrade {
             // Stopped by our successor after an upgrade: the service is not stopping, so no
             // STOPPING=1 (systemd already follows the new MAINPID).
-            log::info!("Handing over to the new master (pid {successor})");
+            log::info!("Handing over to the new master (pid {})", successor.pid);
         } else if !matches!(self.phase, Phase::Draining | Phase::Halting) {
             self.notify.stopping();
         }

@@ -1,25 +1,51 @@
 //! USR2: zero-downtime binary upgrade (nginx's and Unicorn's procedure, automated).
 //!
-//! The old master forks and `exec`s the binary on disk with the same arguments, handing over
-//! its listening sockets by fd number (`RAGPOOL_LISTEN_FDS`) and its own pid
+//! The old master forks twice and `exec`s the binary on disk with the same arguments, handing
+//! over its listening sockets by fd number (`RAGPOOL_LISTEN_FDS`, plus
+//! `RAGPOOL_LISTEN_ACTIVATED=1` when systemd passed them) and its own pid
 //! (`RAGPOOL_UPGRADE_FROM`). The new master boots its workers on those very sockets, so no
 //! connection is refused; once they all serve it announces itself to systemd (`MAINPID=`) and
-//! sends the old master SIGTERM, which drains and exits. If the new master dies first, the old
-//! one notices when it reaps it, takes back its pidfile and keeps serving.
+//! sends the old master SIGTERM, which drains and exits.
+//!
+//! Why the double fork: the new master must be the service manager's child, not the old
+//! master's, before it claims `MAINPID=` (systemd 252 otherwise "supervises a process which is
+//! not our child", misses its exit and SIGKILLs on the next stop). The intermediate child exits
+//! at once, so the new master is reparented to PID 1 (or the nearest subreaper). The old master
+//! then cannot `waitpid` it and watches a pidfd instead: if the new master dies before taking
+//! over, the old one takes back its pidfile and keeps serving.
+//!
+//! `WATCHDOG_PID` (the old master's pid) is not passed on: with it the new master would think
+//! the watchdog is meant for another process and never pet it.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, SigmaskHow};
-use nix::unistd::{execve, fork, ForkResult, Pid};
+use nix::sys::wait::waitpid;
+use nix::unistd::{execve, fork, pipe2, ForkResult, Pid};
 
 /// Listening fds handed to the new master, comma-separated.
 pub const ENV_LISTEN_FDS: &str = "RAGPOOL_LISTEN_FDS";
+/// "1" when the handed-over sockets came from systemd (socket activation): the new master keeps
+/// them whatever `bind` says and never removes their files.
+pub const ENV_LISTEN_ACTIVATED: &str = "RAGPOOL_LISTEN_ACTIVATED";
 /// The old master's pid, which the new master stops once it serves.
 pub const ENV_UPGRADE_FROM: &str = "RAGPOOL_UPGRADE_FROM";
+/// Variables of this master's that must not reach the new one: ours to set anew, or systemd's
+/// promises to this process only (`LISTEN_*` name this pid; `WATCHDOG_PID` too).
+const NOT_INHERITED: [&str; 7] = [
+    ENV_LISTEN_FDS,
+    ENV_LISTEN_ACTIVATED,
+    ENV_UPGRADE_FROM,
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_PID",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -27,6 +53,41 @@ pub enum UpgradeError {
     Nul(&'static str),
     #[error("cannot fork the new master: {0}")]
     Fork(#[source] nix::Error),
+    #[error("the new master did not start (its launcher exited without naming it)")]
+    NotStarted,
+    #[error("cannot watch the new master (pid {pid}): {source}")]
+    Watch {
+        pid: Pid,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A new master started by USR2, watched through a pidfd (it is not our child).
+#[derive(Debug)]
+pub struct NewMaster {
+    pub pid: Pid,
+    /// Readable once the process has exited.
+    pidfd: OwnedFd,
+}
+
+impl NewMaster {
+    /// Whether the new master has exited (never blocks).
+    pub fn has_exited(&self) -> bool {
+        let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
+
+/// `pidfd_open(2)`: a handle on `pid` that polls readable when it exits.
+fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain syscall with two integer arguments; the result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us, and nothing else holds it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// The binary and arguments this master was started with, captured at start-up (before the
@@ -53,9 +114,14 @@ impl Executable {
     }
 }
 
-/// Forks and execs the new master. The child does only async-signal-safe work: clear
-/// FD_CLOEXEC on the listeners, unblock signals, execve (or `_exit(127)`).
-pub fn exec_new_master(exe: &Executable, listen_fds: &[RawFd]) -> Result<Pid, UpgradeError> {
+/// Forks twice and execs the new master. The children do only async-signal-safe work: the
+/// first forks and writes the new master's pid to a pipe, then `_exit`s; the second clears
+/// FD_CLOEXEC on the listeners, unblocks signals and execs (or `_exit(127)`).
+pub fn exec_new_master(
+    exe: &Executable,
+    listen_fds: &[RawFd],
+    activated: bool,
+) -> Result<NewMaster, UpgradeError> {
     let path = cstring(exe.path.as_os_str().as_bytes(), "the binary path")?;
     let argv = exe
         .args
@@ -69,14 +135,7 @@ pub fn exec_new_master(exe: &Executable, listen_fds: &[RawFd]) -> Result<Pid, Up
         .join(",");
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
-        let skip = [
-            ENV_LISTEN_FDS,
-            ENV_UPGRADE_FROM,
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-        ];
-        if skip.iter().any(|s| key == *s) {
+        if NOT_INHERITED.iter().any(|s| key == *s) {
             continue;
         }
         let mut entry = key.as_bytes().to_vec();
@@ -92,25 +151,62 @@ pub fn exec_new_master(exe: &Executable, listen_fds: &[RawFd]) -> Result<Pid, Up
         format!("{ENV_UPGRADE_FROM}={}", std::process::id()).as_bytes(),
         "pid",
     )?);
-
-    // SAFETY: the master is single-threaded; the child only calls async-signal-safe functions
-    // (fcntl, sigprocmask, execve, _exit) on memory prepared above.
-    match unsafe { fork() }.map_err(UpgradeError::Fork)? {
-        ForkResult::Parent { child } => Ok(child),
-        ForkResult::Child => {
-            for fd in listen_fds {
-                let _ = fcntl(*fd, FcntlArg::F_SETFD(FdFlag::empty()));
-            }
-            let _ = nix::sys::signal::sigprocmask(
-                SigmaskHow::SIG_SETMASK,
-                Some(&SigSet::empty()),
-                None,
-            );
-            let _ = execve(&path, &argv, &env);
-            // SAFETY: _exit is async-signal-safe and skips the parent's atexit handlers.
-            unsafe { libc::_exit(127) }
-        }
+    if activated {
+        env.push(cstring(
+            format!("{ENV_LISTEN_ACTIVATED}=1").as_bytes(),
+            "activation",
+        )?);
     }
+
+    let (pid_read, pid_write) = pipe2(OFlag::O_CLOEXEC).map_err(UpgradeError::Fork)?;
+    // SAFETY: the master is single-threaded; both children only call async-signal-safe
+    // functions (fork, write, fcntl, sigprocmask, execve, _exit) on memory prepared above.
+    let launcher = match unsafe { fork() }.map_err(UpgradeError::Fork)? {
+        ForkResult::Parent { child } => child,
+        ForkResult::Child => match unsafe { fork() } {
+            Ok(ForkResult::Parent { child }) => {
+                let bytes = child.as_raw().to_ne_bytes();
+                // SAFETY: write(2) and _exit(2) are async-signal-safe.
+                unsafe {
+                    libc::write(pid_write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+                    libc::_exit(0)
+                }
+            }
+            Ok(ForkResult::Child) => {
+                for fd in listen_fds {
+                    let _ = fcntl(*fd, FcntlArg::F_SETFD(FdFlag::empty()));
+                }
+                let _ = nix::sys::signal::sigprocmask(
+                    SigmaskHow::SIG_SETMASK,
+                    Some(&SigSet::empty()),
+                    None,
+                );
+                let _ = execve(&path, &argv, &env);
+                // SAFETY: _exit is async-signal-safe and skips the parent's atexit handlers.
+                unsafe { libc::_exit(127) }
+            }
+            // SAFETY: as above.
+            Err(_) => unsafe { libc::_exit(1) },
+        },
+    };
+    drop(pid_write);
+    let mut bytes = [0u8; 4];
+    let read = loop {
+        match nix::unistd::read(pid_read.as_raw_fd(), &mut bytes) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    // The launcher exits right after writing (or failing): reap it so it leaves no zombie.
+    let _ = waitpid(launcher, None);
+    if read != Ok(bytes.len()) {
+        return Err(UpgradeError::NotStarted);
+    }
+    let pid = Pid::from_raw(i32::from_ne_bytes(bytes));
+    // Already gone (a binary that exits at once may be reaped by now): pidfd_open fails with
+    // ESRCH and the upgrade counts as failed.
+    let pidfd = pidfd_open(pid).map_err(|source| UpgradeError::Watch { pid, source })?;
+    Ok(NewMaster { pid, pidfd })
 }
 
 fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, UpgradeError> {

@@ -247,3 +247,55 @@ fn logrotate_accepts_the_shipped_file() {
         "{shipped}"
     );
 }
+
+/// Starts ragpool with `JOURNAL_STREAM` naming its real stderr (as systemd does) or another
+/// file, makes it log an error (a rejected reload) and returns its log lines.
+fn log_lines_with_journal_stream(matching: bool) -> Vec<String> {
+    // The wrapper sets JOURNAL_STREAM to its own stderr's device:inode, which ragpool inherits.
+    let script = if matching {
+        "JOURNAL_STREAM=$(stat -L -c %d:%i /dev/stderr) exec \"$0\" \"$@\""
+    } else {
+        "JOURNAL_STREAM=$(stat -L -c %d:%i /dev/null) exec \"$0\" \"$@\""
+    };
+    let server = crate::support::ServerProcess::launch(
+        &crate::config(1, ""),
+        crate::support::Launch {
+            wrapper: &["sh", "-c", script],
+            ..Default::default()
+        },
+    );
+    assert!(
+        server.wait_for_log("are serving", Duration::from_secs(20)),
+        "{}",
+        server.logs()
+    );
+    std::fs::write(&server.config_path, "workers = \"many\"\n").unwrap();
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload rejected", Duration::from_secs(20)),
+        "{}",
+        server.logs()
+    );
+    server.logs().lines().map(str::to_string).collect()
+}
+
+#[test]
+fn journal_lines_carry_their_priority_only_when_stderr_is_the_journal() {
+    let lines = log_lines_with_journal_stream(true);
+    let rejected = lines
+        .iter()
+        .find(|l| l.contains("Reload rejected"))
+        .unwrap();
+    assert!(rejected.starts_with("<3>["), "{rejected}");
+    let serving = lines.iter().find(|l| l.contains("are serving")).unwrap();
+    assert!(serving.starts_with("<6>["), "{serving}");
+
+    // JOURNAL_STREAM inherited by a process whose stderr goes elsewhere: plain lines.
+    let lines = log_lines_with_journal_stream(false);
+    assert!(
+        lines.iter().all(|l| !l.starts_with('<')),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(lines.iter().any(|l| l.contains("Reload rejected")));
+}
