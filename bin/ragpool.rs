@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ragpool::config::{self, ConfigSource, Overrides};
@@ -48,6 +49,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reload the running pool's configuration and wait until the new generation serves (exit
+    /// 0) or the reload fails (exit 1; the master's log says why). For `ExecReload=`.
+    Reload {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The master's pid (default: the config's pidfile, else $MAINPID as systemd sets it).
+        #[arg(long)]
+        pid: Option<i32>,
+        /// Seconds to wait for the master's answer.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+    },
     /// Add or update documents: files or folders (Markdown, text, HTML, PDF). Safe while serving.
     Ingest {
         #[arg(long, short)]
@@ -73,6 +86,15 @@ fn main() -> ExitCode {
         Command::Status { config, json } => {
             status(ConfigSource::new(config, Overrides::default()), json)
         }
+        Command::Reload {
+            config,
+            pid,
+            timeout,
+        } => reload(
+            ConfigSource::new(config, Overrides::default()),
+            pid,
+            Duration::from_secs(timeout),
+        ),
         Command::Ingest { config, paths } => {
             ingest(ConfigSource::new(config, Overrides::default()), &paths)
         }
@@ -141,6 +163,41 @@ fn status(source: ConfigSource, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ragpool reload`: HUP to the master, then its answer. A config that does not load is reported
+/// here too (from the same file, read by this process), but the master's verdict is the one that
+/// counts: it reads the file itself.
+fn reload(source: ConfigSource, pid: Option<i32>, timeout: Duration) -> ExitCode {
+    let pid = match pid {
+        Some(pid) => Some(pid),
+        None => master_pid_from_pidfile(&source)
+            .or_else(|| std::env::var("MAINPID").ok()?.trim().parse().ok()),
+    };
+    let Some(pid) = pid.filter(|p| *p > 0) else {
+        eprintln!("ragpool: error: which master? pass --pid, set `pidfile` in the config, or run as systemd's ExecReload= ($MAINPID)");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    match master::reload_reply::request(pid, timeout) {
+        Ok(generation) => {
+            eprintln!("ragpool: reloaded: generation {generation} is serving (master pid {pid})");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ragpool: error: {e}");
+            if let Err(config_error) = config::load(&source) {
+                eprintln!("ragpool: error: {config_error}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn master_pid_from_pidfile(source: &ConfigSource) -> Option<i32> {
+    let config = config::load(source).ok()?;
+    let text = std::fs::read_to_string(config.pidfile?).ok()?;
+    text.trim().parse().ok()
 }
 
 /// `ragpool ingest`: its own process and runtime (never the master's), the same store as the

@@ -18,6 +18,7 @@ mod listeners;
 pub mod notify;
 mod pidfile;
 pub mod policy;
+pub mod reload_reply;
 pub mod signals;
 mod spawn;
 mod upgrade;
@@ -193,6 +194,8 @@ pub struct Arbiter {
     notify: Notifier,
     /// How the last reload ended, for STATUS= lines.
     last_reload: String,
+    /// `ragpool reload` clients waiting for the pending reload's outcome.
+    reload_waiting: reload_reply::Waiting,
 }
 
 /// Runs the master until it is told to stop. Returns once every worker has exited.
@@ -270,6 +273,7 @@ impl Arbiter {
             jitter_seed: u64::from(me) ^ monotonic_ms(),
             notify: Notifier::from_env(),
             last_reload: String::from("none"),
+            reload_waiting: reload_reply::Waiting::default(),
         })
     }
 
@@ -349,7 +353,12 @@ impl Arbiter {
                 log::info!("Handling signal: {signal}: binary upgrade");
                 self.start_upgrade();
             }
-            Action::Ignore(why) => log::info!("Ignoring signal {signal}: {why}"),
+            Action::Ignore(why) => {
+                log::info!("Ignoring signal {signal}: {why}");
+                if signal == Signal::SIGHUP {
+                    reload_reply::decline_recorded();
+                }
+            }
         }
     }
 
@@ -796,16 +805,22 @@ impl Arbiter {
 
     /// Records how a reload ended and tells systemd the reload is over (READY=1).
     fn finish_reload(&mut self, outcome: String) {
-        self.scoreboard
-            .header()
-            .note_reload(outcome.starts_with("ok"));
+        let ok = outcome.starts_with("ok");
+        self.scoreboard.header().note_reload(ok);
         self.scoreboard.header().set_generation(self.generation);
         self.last_reload = outcome;
         self.notify.ready(&self.status_line());
+        let answer = if ok {
+            self.generation as isize
+        } else {
+            reload_reply::FAILED
+        };
+        self.reload_waiting.answer(answer);
     }
 
     /// HUP: validate the config; if good, start a new generation beside the serving one.
     fn reload(&mut self) {
+        self.reload_waiting.add_recorded();
         self.notify.reloading();
         let config = match config::load(&self.source) {
             Ok(config) => Arc::new(config),
@@ -921,6 +936,7 @@ impl Arbiter {
         self.phase = phase;
         self.stop_deadline = Some(Instant::now() + grace);
         self.reload = None;
+        self.reload_waiting.answer(reload_reply::NOT_NOW);
         // Closing our copies (and removing unix socket files) stops new connections from being
         // queued once the workers have drained what is already in the backlog.
         self.listeners = Listeners::default();

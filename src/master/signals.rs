@@ -68,7 +68,14 @@ impl SignalQueue {
         let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(SignalError::Pipe)?;
-        let mut ids = Vec::with_capacity(HANDLED.len() * 2);
+        let mut ids = Vec::with_capacity(HANDLED.len() * 2 + 1);
+        // First, so a HUP that is counted always has its `ragpool reload` sender recorded.
+        ids.push(
+            super::reload_reply::register().map_err(|source| SignalError::Register {
+                signal: Signal::SIGHUP,
+                source,
+            })?,
+        );
         for (i, signal) in HANDLED.iter().enumerate() {
             let sig = *signal as i32;
             let register = |r: std::io::Result<SigId>| {

@@ -132,3 +132,73 @@ fn hup_whose_new_generation_cannot_boot_keeps_the_old_one() {
     assert_eq!(server.workers(), before);
     assert_eq!(http::get(&server.addr(), "/health").unwrap().status, 200);
 }
+
+/// `ragpool reload --pid PID` (what `ExecReload=` runs): its exit status and stderr.
+fn ragpool_reload(server: &ServerProcess) -> (std::process::ExitStatus, String) {
+    let output = std::process::Command::new(crate::support::BIN)
+        .args(["reload", "--timeout", "60", "--pid"])
+        .arg(server.pid().to_string())
+        .arg("--config")
+        .arg(&server.config_path)
+        .output()
+        .expect("run ragpool reload");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn ragpool_reload_returns_once_the_new_generation_serves_and_fails_on_a_rejected_config() {
+    let server = ServerProcess::start(&config(2, ""));
+    for n in 2..=4 {
+        let (status, stderr) = ragpool_reload(&server);
+        assert!(status.success(), "{status:?} {stderr}\n{}", server.logs());
+        assert!(
+            stderr.contains(&format!("generation {n} is serving")),
+            "{stderr}"
+        );
+        // The master logs the commit before it answers (the pipe to this test may lag).
+        assert!(
+            server.wait_for_log(
+                &format!("Reload complete: generation {n} is serving"),
+                Duration::from_secs(5)
+            ),
+            "{}",
+            server.logs()
+        );
+    }
+    assert!(server.wait_for_workers(2, BOUND), "{:?}", server.workers());
+    let workers = server.workers();
+    std::fs::write(
+        &server.config_path,
+        "workers = 2\nbind = [\"127.0.0.1:0\"]\ntimeout = \"soon\"\n",
+    )
+    .unwrap();
+    let (status, stderr) = ragpool_reload(&server);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the reload failed"), "{stderr}");
+    assert!(
+        stderr.contains("timeout"),
+        "the config error is shown: {stderr}"
+    );
+    assert!(
+        server.wait_for_log("Reload rejected", Duration::from_secs(5)),
+        "{}",
+        server.logs()
+    );
+    assert_eq!(
+        server.workers(),
+        workers,
+        "the running workers are untouched"
+    );
+    assert_eq!(http::get(&server.addr(), "/health").unwrap().status, 200);
+
+    // No master there: a clear error, not a hang.
+    let output = std::process::Command::new(crate::support::BIN)
+        .args(["reload", "--timeout", "5", "--pid", "999999"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot signal the master"));
+}
