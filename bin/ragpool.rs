@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Start the master and its workers.
     Serve {
-        /// Config file (default: ./workers.toml; absent means built-in defaults).
+        /// Config file, which must exist (default: ./workers.toml if it exists at start, else
+        /// built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Number of workers, or "auto" (overrides workers.toml and RAGPOOL_WORKERS).
@@ -126,6 +127,12 @@ fn serve(source: ConfigSource) -> ExitCode {
     if let Err(e) = ragpool::logging::init(&config.errorlog, &config.loglevel) {
         eprintln!("ragpool: error: cannot open the error log: {e}");
         return ExitCode::from(EXIT_CONFIG);
+    }
+    if config.path.is_none() {
+        log::warn!(
+            "No config file at {}: serving on built-in defaults",
+            source.path.display()
+        );
     }
     match master::run(source, config) {
         Ok(()) => ExitCode::SUCCESS,

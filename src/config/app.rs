@@ -2,11 +2,15 @@
 //!
 //! Defaults need no set-up: an embedded store under `./data`, no embedding model (lexical
 //! retrieval), Ollama at 127.0.0.1:11434 with an extractive answer whenever it is unreachable.
+//! The keys, their defaults and ranges are declared in [`super::keys`]; this module turns their
+//! checked values into the app's types and checks what spans keys (`chunk_overlap` < `chunk_size`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawEmbed, RawLlm, RawRag, RawSeconds, RawStore};
+use super::error::ConfigError;
+use super::keys::*;
+use super::sources::Values;
 
 /// Which store holds documents and chunks.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,155 +98,81 @@ pub const OLLAMA_URL: &str = "http://127.0.0.1:11434";
 pub const QDRANT_URL: &str = "http://127.0.0.1:6334";
 pub const MAX_TOP_K: usize = 50;
 
-/// A validation failure inside a table: (key within the table, message).
-pub type TableError = (&'static str, String);
-
-fn non_empty(v: Option<String>) -> Option<String> {
-    v.filter(|s| !s.trim().is_empty())
-}
-
-fn secs(key: &'static str, v: Option<RawSeconds>, default: f64) -> Result<Duration, TableError> {
-    let s = v.map(RawSeconds::as_f64).unwrap_or(default);
-    if !s.is_finite() || s <= 0.0 || s > 86_400.0 {
-        return Err((key, format!("{s} is not a sensible number of seconds")));
-    }
-    Ok(Duration::from_secs_f64(s))
-}
-
-fn int(
-    key: &'static str,
-    v: Option<i64>,
-    default: usize,
-    min: usize,
-    max: usize,
-) -> Result<usize, TableError> {
-    let n = v.unwrap_or(default as i64);
-    if n < min as i64 || n > max as i64 {
-        return Err((key, format!("{n} is out of range {min}..={max}")));
-    }
-    Ok(n as usize)
-}
-
-fn provider(v: Option<String>, default: Provider) -> Result<Provider, TableError> {
-    match v.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None => Ok(default),
-        Some("none" | "") => Ok(Provider::None),
-        Some("ollama") => Ok(Provider::Ollama),
-        Some("openai") => Ok(Provider::OpenAi),
-        Some(other) => Err((
-            "provider",
-            format!("\"{other}\" is not one of \"none\", \"ollama\", \"openai\""),
-        )),
+fn provider(v: &Values, key: &Key) -> Provider {
+    match v.text(key) {
+        "ollama" => Provider::Ollama,
+        "openai" => Provider::OpenAi,
+        _ => Provider::None,
     }
 }
 
-fn url(v: Option<String>, default: &str) -> Result<String, TableError> {
-    let u = non_empty(v).unwrap_or_else(|| default.to_string());
+fn url(v: &Values, key: &Key) -> Result<String, ConfigError> {
+    let u = v.text_or_default(key);
     if !(u.starts_with("http://") || u.starts_with("https://")) {
-        return Err((
-            "url",
-            format!("\"{u}\" must start with http:// or https://"),
-        ));
+        return Err(v.invalid(key, format!("\"{u}\" must start with http:// or https://")));
     }
     Ok(u.trim_end_matches('/').to_string())
 }
 
-pub fn store(raw: RawStore) -> Result<StoreConfig, TableError> {
-    let backend = match raw
-        .backend
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("embedded") => StoreBackend::Embedded,
-        Some("qdrant") => StoreBackend::Qdrant,
-        Some(other) => {
-            return Err((
-                "backend",
-                format!("\"{other}\" is not \"embedded\" or \"qdrant\""),
-            ))
-        }
-    };
-    let distance = match raw
-        .distance
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("cosine") => Distance::Cosine,
-        Some("dot") => Distance::Dot,
-        Some("euclid") => Distance::Euclid,
-        Some(other) => {
-            return Err((
-                "distance",
-                format!("\"{other}\" is not cosine, dot or euclid"),
-            ))
-        }
-    };
+pub(super) fn store(v: &Values) -> Result<StoreConfig, ConfigError> {
     Ok(StoreConfig {
-        backend,
-        path: PathBuf::from(non_empty(raw.path).unwrap_or_else(|| "data".into())),
-        url: url(raw.url, QDRANT_URL)?,
-        collection: non_empty(raw.collection).unwrap_or_else(|| "ragpool".into()),
-        api_key: non_empty(raw.api_key),
-        distance,
+        backend: match v.text(&STORE_BACKEND) {
+            "qdrant" => StoreBackend::Qdrant,
+            _ => StoreBackend::Embedded,
+        },
+        path: PathBuf::from(v.text_or_default(&STORE_PATH)),
+        url: url(v, &STORE_URL)?,
+        collection: v.text_or_default(&STORE_COLLECTION),
+        api_key: v.optional(&STORE_API_KEY),
+        distance: match v.text(&STORE_DISTANCE) {
+            "dot" => Distance::Dot,
+            "euclid" => Distance::Euclid,
+            _ => Distance::Cosine,
+        },
     })
 }
 
-pub fn embed(raw: RawEmbed) -> Result<EmbedConfig, TableError> {
+pub(super) fn embed(v: &Values) -> Result<EmbedConfig, ConfigError> {
     Ok(EmbedConfig {
-        provider: provider(raw.provider, Provider::None)?,
-        url: url(raw.url, OLLAMA_URL)?,
-        model: non_empty(raw.model).unwrap_or_else(|| "nomic-embed-text".into()),
-        api_key: non_empty(raw.api_key),
-        dimensions: int("dimensions", raw.dimensions, 0, 0, 65_536)?,
-        timeout: secs("timeout", raw.timeout, 30.0)?,
+        provider: provider(v, &EMBED_PROVIDER),
+        url: url(v, &EMBED_URL)?,
+        model: v.text_or_default(&EMBED_MODEL),
+        api_key: v.optional(&EMBED_API_KEY),
+        dimensions: v.int(&EMBED_DIMENSIONS) as usize,
+        timeout: v.seconds(&EMBED_TIMEOUT),
     })
 }
 
-pub fn llm(raw: RawLlm) -> Result<LlmConfig, TableError> {
-    let temperature = raw.temperature.unwrap_or(0.2);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err((
-            "temperature",
-            format!("{temperature} is out of range 0..=2"),
-        ));
-    }
+pub(super) fn llm(v: &Values) -> Result<LlmConfig, ConfigError> {
     Ok(LlmConfig {
-        provider: provider(raw.provider, Provider::Ollama)?,
-        url: url(raw.url, OLLAMA_URL)?,
-        model: non_empty(raw.model).unwrap_or_else(|| "llama3.2".into()),
-        api_key: non_empty(raw.api_key),
-        timeout: secs("timeout", raw.timeout, 120.0)?,
-        connect_timeout: secs("connect_timeout", raw.connect_timeout, 2.0)?,
-        first_token_timeout: secs("first_token_timeout", raw.first_token_timeout, 60.0)?,
-        temperature,
-        max_tokens: int("max_tokens", raw.max_tokens, 512, 1, 1 << 20)? as u32,
-        max_concurrent: int("max_concurrent", raw.max_concurrent, 0, 0, 100_000)?,
+        provider: provider(v, &LLM_PROVIDER),
+        url: url(v, &LLM_URL)?,
+        model: v.text_or_default(&LLM_MODEL),
+        api_key: v.optional(&LLM_API_KEY),
+        timeout: v.seconds(&LLM_TIMEOUT),
+        connect_timeout: v.seconds(&LLM_CONNECT_TIMEOUT),
+        first_token_timeout: v.seconds(&LLM_FIRST_TOKEN_TIMEOUT),
+        temperature: v.float(&LLM_TEMPERATURE),
+        max_tokens: v.int(&LLM_MAX_TOKENS) as u32,
+        max_concurrent: v.int(&LLM_MAX_CONCURRENT) as usize,
     })
 }
 
-pub fn rag(raw: RawRag) -> Result<RagConfig, TableError> {
-    let chunk_size = int("chunk_size", raw.chunk_size, 800, 100, 100_000)?;
-    let chunk_overlap = int("chunk_overlap", raw.chunk_overlap, 100, 0, 50_000)?;
+pub(super) fn rag(v: &Values) -> Result<RagConfig, ConfigError> {
+    let chunk_size = v.int(&RAG_CHUNK_SIZE) as usize;
+    let chunk_overlap = v.int(&RAG_CHUNK_OVERLAP) as usize;
     if chunk_overlap >= chunk_size {
-        return Err((
-            "chunk_overlap",
+        return Err(v.invalid(
+            &RAG_CHUNK_OVERLAP,
             format!("{chunk_overlap} must be smaller than chunk_size ({chunk_size})"),
         ));
     }
     Ok(RagConfig {
         chunk_size,
         chunk_overlap,
-        top_k: int("top_k", raw.top_k, 5, 1, MAX_TOP_K)?,
-        max_question_chars: int(
-            "max_question_chars",
-            raw.max_question_chars,
-            2000,
-            10,
-            100_000,
-        )?,
-        docs_dir: PathBuf::from(non_empty(raw.docs_dir).unwrap_or_else(|| "docs".into())),
-        ingest_docs_on_first_run: raw.ingest_docs_on_first_run.unwrap_or(true),
+        top_k: v.int(&RAG_TOP_K) as usize,
+        max_question_chars: v.int(&RAG_MAX_QUESTION_CHARS) as usize,
+        docs_dir: PathBuf::from(v.text_or_default(&RAG_DOCS_DIR)),
+        ingest_docs_on_first_run: v.flag(&RAG_INGEST_DOCS_ON_FIRST_RUN),
     })
 }

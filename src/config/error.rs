@@ -40,6 +40,18 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "config file {} is gone (it was there when ragpool started); refusing to fall back to \
+         built-in defaults",
+        path.display()
+    )]
+    Vanished { path: PathBuf },
+    #[error(
+        "config file {} sets no key (empty, or only comments); refused so that a truncated \
+         file cannot reset the pool to built-in defaults",
+        path.display()
+    )]
+    Empty { path: PathBuf },
     #[error("{origin}: {message}")]
     Syntax { origin: Origin, message: String },
     #[error("{origin}: key `{key}`: {message}")]

@@ -1,17 +1,22 @@
 //! Configuration: `workers.toml`, `RAGPOOL_*` environment variables and command-line flags,
 //! merged in that order of precedence over built-in defaults, then validated.
 //!
-//! [`raw::RawConfig`] is what serde reads; [`Config`] is what the rest of ragpool uses, with
-//! every value checked and every duration a [`Duration`]. Nothing here touches processes or
-//! sockets, so the master can re-run [`load`] on `SIGHUP` and throw the result away if it fails.
+//! Every key is declared once, in [`keys`] (name, table, type, default, range, doc line);
+//! [`sources`] reads the layers into checked [`sources::Values`], and [`validate`] turns those
+//! into [`Config`], what the rest of ragpool uses, with every duration a [`Duration`]. Nothing
+//! here touches processes or sockets, so the master can re-run [`load`] on `SIGHUP` and throw
+//! the result away if it fails.
+//!
+//! A reload never silently changes what the operator did not change: a file that sets no key
+//! is refused, and so is a missing file that was there at start (see [`ConfigSource`]).
 
 pub mod app;
 mod bind;
 mod error;
+pub mod keys;
 pub mod process;
-pub mod raw;
+pub mod sources;
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,50 +26,19 @@ pub use app::{
 };
 pub use bind::BindAddr;
 pub use error::{ConfigError, Origin};
-use raw::{RawBind, RawConfig, RawSeconds, RawWorkers, KEYS};
+use keys::*;
+use sources::Values;
 
 /// The file read when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "workers.toml";
 /// Upper bound on `workers`: the scoreboard holds two full generations during a reload.
 pub const MAX_WORKERS: usize = 256;
 
-/// Built-in defaults, after Gunicorn's where it has the same setting.
-pub mod defaults {
-    pub const BIND: &str = "127.0.0.1:8000";
-    pub const WORKERS: usize = 1;
-    pub const BACKLOG: i32 = 2048;
-    pub const TIMEOUT_SECS: f64 = 30.0;
-    pub const GRACEFUL_TIMEOUT_SECS: f64 = 30.0;
-    pub const KEEPALIVE_SECS: f64 = 5.0;
-    pub const WORKER_CONNECTIONS: usize = 1000;
-    pub const LIMIT_REQUEST_LINE: usize = 4094;
-    pub const LIMIT_REQUEST_FIELDS: usize = 100;
-    pub const LIMIT_REQUEST_FIELD_SIZE: usize = 8190;
-    pub const MAX_BODY_SIZE: u64 = 16 * 1024 * 1024;
-    pub const HEADER_TIMEOUT_SECS: f64 = 10.0;
-    /// The body of a JSON question (`/api/ask`): a 2,000-character question is under 12 KiB
-    /// even with every character escaped.
-    pub const JSON_BODY_LIMIT: u64 = 32 * 1024;
-    pub const BODY_TIMEOUT_SECS: f64 = 30.0;
-    pub const LOGLEVEL: &str = "info";
-    pub const UNIX_SOCKET_MODE: u32 = 0o660;
-}
-
 /// Where a log goes: standard output/error (`-`) or a file that `SIGUSR1` reopens.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogTarget {
     Std,
     File(PathBuf),
-}
-
-impl LogTarget {
-    fn parse(s: &str) -> LogTarget {
-        if s == "-" {
-            LogTarget::Std
-        } else {
-            LogTarget::File(PathBuf::from(s))
-        }
-    }
 }
 
 /// Limits on one HTTP request; exceeding one is answered with its 4xx, never a reset.
@@ -142,13 +116,14 @@ pub struct Config {
     pub embed: EmbedConfig,
     pub llm: LlmConfig,
     pub rag: RagConfig,
+    /// Every key's effective value, for `ragpool check` ([`Config::to_toml`]).
+    effective: Values,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        let empty = Loader::new(None, String::new());
         // Defaults are valid by construction; a test pins that.
-        validate(RawConfig::default(), &empty).expect("built-in defaults are valid")
+        validate(Values::default(), None).expect("built-in defaults are valid")
     }
 }
 
@@ -165,18 +140,23 @@ pub struct ConfigSource {
     pub path: PathBuf,
     /// `false` when the path is the implicit default, which may be absent.
     pub explicit: bool,
+    /// Whether the file must exist: it was named with `--config`, or it existed when ragpool
+    /// started. A default `./workers.toml` absent at start means built-in defaults (and a
+    /// reload re-reads them); one that disappears later is an error, never a silent reset.
+    pub required: bool,
     pub overrides: Overrides,
 }
 
 impl ConfigSource {
     pub fn new(path: Option<PathBuf>, overrides: Overrides) -> ConfigSource {
+        let explicit = path.is_some();
+        // Absolute, so a reload after `chdir` still finds the same file.
+        let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let path = std::path::absolute(&path).unwrap_or(path);
         ConfigSource {
-            explicit: path.is_some(),
-            // Absolute, so a reload after `chdir` still finds the same file.
-            path: {
-                let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-                std::path::absolute(&path).unwrap_or(path)
-            },
+            explicit,
+            required: explicit || path.exists(),
+            path,
             overrides,
         }
     }
@@ -192,10 +172,17 @@ pub fn load_with_env(
     source: &ConfigSource,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let (path, doc) = match std::fs::read_to_string(&source.path) {
-        Ok(doc) => (Some(source.path.clone()), doc),
+    let mut values = Values::default();
+    let path = match std::fs::read_to_string(&source.path) {
+        Ok(doc) => {
+            sources::apply_file(&mut values, &source.path, &doc)?;
+            Some(source.path.clone())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !source.required => None,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !source.explicit => {
-            (None, String::new())
+            return Err(ConfigError::Vanished {
+                path: source.path.clone(),
+            })
         }
         Err(e) => {
             return Err(ConfigError::Read {
@@ -204,547 +191,120 @@ pub fn load_with_env(
             })
         }
     };
-    let mut loader = Loader::new(path, doc);
-    let mut merged = loader.parse_file()?;
-
-    for key in KEYS {
-        let var = format!("RAGPOOL_{}", key.to_ascii_uppercase());
-        if let Some(value) = env(&var) {
-            let layer = parse_override(key, &value, Origin::Env(var.clone()))?;
-            overlay(&mut merged, layer);
-            loader.origins.insert(key, Origin::Env(var));
-        }
-    }
-    overlay_table_env(&mut merged, &mut loader, &env)?;
+    sources::apply_env(&mut values, env)?;
     if let Some(workers) = &source.overrides.workers {
-        let origin = Origin::Flag("--workers".into());
-        overlay(
-            &mut merged,
-            parse_override("workers", workers, origin.clone())?,
-        );
-        loader.origins.insert("workers", origin);
+        sources::apply_text(
+            &mut values,
+            &WORKERS,
+            workers,
+            Origin::Flag("--workers".into()),
+        )?;
     }
     if !source.overrides.bind.is_empty() {
-        merged.bind = Some(RawBind::Many(source.overrides.bind.clone()));
-        loader.origins.insert("bind", Origin::Flag("--bind".into()));
+        sources::apply_list(
+            &mut values,
+            &BIND,
+            &source.overrides.bind,
+            Origin::Flag("--bind".into()),
+        )?;
     }
-    validate(merged, &loader)
+    validate(values, path)
 }
 
 /// Validates a TOML document on its own (no environment, no flags); used by tests and tools.
 pub fn from_toml_str(doc: &str, path: &Path) -> Result<Config, ConfigError> {
-    let mut loader = Loader::new(Some(path.to_path_buf()), doc.to_string());
-    let raw = loader.parse_file()?;
-    validate(raw, &loader)
+    let mut values = Values::default();
+    sources::apply_file(&mut values, path, doc)?;
+    validate(values, Some(path.to_path_buf()))
 }
 
-/// Remembers the file text and where each key came from, to point errors at their source.
-struct Loader {
-    path: Option<PathBuf>,
-    doc: String,
-    origins: HashMap<&'static str, Origin>,
-    /// Where `table.key` values came from when not from the file.
-    table_origins: HashMap<String, Origin>,
-}
-
-impl Loader {
-    fn new(path: Option<PathBuf>, doc: String) -> Loader {
-        Loader {
-            path,
-            doc,
-            origins: HashMap::new(),
-            table_origins: HashMap::new(),
-        }
-    }
-
-    fn file_origin(&self, line: Option<usize>) -> Origin {
-        Origin::File {
-            path: self
-                .path
-                .clone()
-                .unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()),
-            line,
-        }
-    }
-
-    fn parse_file(&mut self) -> Result<RawConfig, ConfigError> {
-        let raw: RawConfig = toml::from_str(&self.doc).map_err(|e| {
-            let line = e.span().map(|span| line_at(&self.doc, span.start));
-            let origin = self.file_origin(line);
-            let key_on_line = line.and_then(|l| key_on_line(&self.doc, l));
-            translate_serde_error(e.message(), origin, key_on_line)
-        })?;
-        for key in KEYS {
-            if line_of_key(&self.doc, key).is_some() {
-                self.origins
-                    .insert(key, self.file_origin(line_of_key(&self.doc, key)));
-            }
-        }
-        Ok(raw)
-    }
-
-    fn origin_of(&self, key: &str) -> Origin {
-        if let Some(origin) = self.origins.get(key) {
-            return origin.clone();
-        }
-        if let Some(origin) = self.table_origins.get(key) {
-            return origin.clone();
-        }
-        match line_of_key(&self.doc, key) {
-            Some(line) => self.file_origin(Some(line)),
-            None => Origin::Default,
-        }
-    }
-
-    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            origin: self.origin_of(key),
-            key: key.to_string(),
-            message: message.into(),
-        }
-    }
-}
-
-/// Turns serde's wording into ours: unknown keys get a suggestion, type errors name the key.
-fn translate_serde_error(message: &str, origin: Origin, key: Option<String>) -> ConfigError {
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        let unknown = rest.split('`').next().unwrap_or_default().to_string();
-        let expected: Vec<&'static str> = known_keys_in(message);
-        return ConfigError::UnknownKey {
-            suggestion: error::suggest(&unknown, &expected),
-            origin,
-            key: unknown,
-        };
-    }
-    let friendly = if message.contains("untagged enum RawWorkers") {
-        "expected a whole number of workers or \"auto\"".to_string()
-    } else if message.contains("untagged enum RawSeconds") {
-        "expected a number of seconds, e.g. 30 or 0.5".to_string()
-    } else if message.contains("untagged enum RawBind") {
-        "expected an address string or a list of them, e.g. [\"127.0.0.1:8000\"]".to_string()
-    } else {
-        message
-            .replace("expected i64", "expected a whole number")
-            .replace("expected a boolean", "expected true or false")
-            .trim()
-            .to_string()
-    };
-    match key {
-        Some(key) => ConfigError::Invalid {
-            origin,
-            key,
-            message: friendly,
-        },
-        None => ConfigError::Syntax {
-            origin,
-            message: friendly,
-        },
-    }
-}
-
-/// The keys serde listed as expected ("expected one of `a`, `b`"), as known static names.
-fn known_keys_in(message: &str) -> Vec<&'static str> {
-    let listed = message.split("expected").nth(1).unwrap_or_default();
-    KEYS.iter()
-        .chain(raw::TABLES)
-        .chain(TABLE_KEYS)
-        .copied()
-        .filter(|k| listed.contains(&format!("`{k}`")))
-        .collect()
-}
-
-/// Keys inside the tables (`[store]`, `[embed]`, `[llm]`, `[rag]`), for suggestions; the
-/// top-level ones are [`KEYS`] and [`raw::TABLES`].
-const TABLE_KEYS: &[&str] = &[
-    "backend",
-    "path",
-    "url",
-    "collection",
-    "api_key",
-    "distance",
-    "provider",
-    "model",
-    "dimensions",
-    "timeout",
-    "connect_timeout",
-    "first_token_timeout",
-    "temperature",
-    "max_tokens",
-    "max_concurrent",
-    "chunk_size",
-    "chunk_overlap",
-    "top_k",
-    "max_question_chars",
-    "docs_dir",
-    "ingest_docs_on_first_run",
-];
-
-/// `RAGPOOL_<TABLE>__<KEY>` (e.g. `RAGPOOL_LLM__MODEL=bge-m3`) over the file's tables. Each
-/// value is checked on its own first, so an error names its variable.
-fn overlay_table_env(
-    merged: &mut RawConfig,
-    loader: &mut Loader,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<(), ConfigError> {
-    let mut found = Vec::new();
-    for table in raw::TABLES {
-        for key in TABLE_KEYS {
-            let var = format!(
-                "RAGPOOL_{}__{}",
-                table.to_ascii_uppercase(),
-                key.to_ascii_uppercase()
-            );
-            if let Some(value) = env(&var) {
-                found.push((*table, *key, var, value));
-            }
-        }
-    }
-    if found.is_empty() {
-        return Ok(());
-    }
-    // The file as a table (it parsed above, so this cannot fail), with the variables applied.
-    let mut doc: toml::Table = toml::from_str(&loader.doc).unwrap_or_default();
-    for (table, key, var, value) in found {
-        let origin = Origin::Env(var.clone());
-        let literal = format!("[{table}]\n{key} = {}", value.trim());
-        let parsed = match toml::from_str::<toml::Table>(&literal) {
-            Ok(parsed) => parsed,
-            Err(_) => toml::from_str::<toml::Table>(&format!(
-                "[{table}]\n{key} = {}",
-                toml_string(value.trim())
-            ))
-            .map_err(|e| {
-                translate_serde_error(e.message(), origin.clone(), Some(format!("{table}.{key}")))
-            })?,
-        };
-        let value = parsed[table][key].clone();
-        // Check the value's type in its own table, so the error names the variable.
-        let mut alone = toml::Table::new();
-        alone.insert(
-            table.to_string(),
-            toml::Value::Table(toml::Table::from_iter([(key.to_string(), value.clone())])),
-        );
-        toml::from_str::<RawConfig>(&alone.to_string()).map_err(|e| {
-            translate_serde_error(e.message(), origin.clone(), Some(format!("{table}.{key}")))
-        })?;
-        let entry = doc
-            .entry(table.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if let toml::Value::Table(t) = entry {
-            t.insert(key.to_string(), value);
-        }
-        loader
-            .table_origins
-            .insert(format!("{table}.{key}"), origin);
-    }
-    let tables: RawConfig = toml::from_str(&doc.to_string()).map_err(|e| ConfigError::Syntax {
-        origin: Origin::Env("RAGPOOL_*__*".into()),
-        message: e.message().to_string(),
-    })?;
-    merged.store = tables.store;
-    merged.embed = tables.embed;
-    merged.llm = tables.llm;
-    merged.rag = tables.rag;
-    Ok(())
-}
-
-/// Parses one key's value given as text (environment or flag): TOML syntax first, so that
-/// `RAGPOOL_REUSE_PORT=true` is a boolean, falling back to a plain string.
-fn parse_override(key: &str, value: &str, origin: Origin) -> Result<RawConfig, ConfigError> {
-    let value = value.trim();
-    let literal = if key == "bind" && !value.starts_with('[') {
-        let items: Vec<String> = value.split(',').map(|s| toml_string(s.trim())).collect();
-        format!("[{}]", items.join(", "))
-    } else {
-        value.to_string()
-    };
-    let doc = format!("{key} = {literal}");
-    match toml::from_str::<RawConfig>(&doc) {
-        Ok(raw) => Ok(raw),
-        Err(_) => toml::from_str::<RawConfig>(&format!("{key} = {}", toml_string(value)))
-            .map_err(|e| translate_serde_error(e.message(), origin, Some(key.to_string()))),
-    }
-}
-
-fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
-}
-
-/// Copies every key that `top` sets over `base`.
-fn overlay(base: &mut RawConfig, top: RawConfig) {
-    macro_rules! take {
-        ($($field:ident),* $(,)?) => { $( if top.$field.is_some() { base.$field = top.$field; } )* };
-    }
-    take!(
-        workers,
-        bind,
-        backlog,
-        timeout,
-        graceful_timeout,
-        keepalive,
-        max_requests,
-        max_requests_jitter,
-        max_worker_memory,
-        worker_connections,
-        limit_request_line,
-        limit_request_fields,
-        limit_request_field_size,
-        max_body_size,
-        json_body_limit,
-        header_timeout,
-        body_timeout,
-        accesslog,
-        errorlog,
-        loglevel,
-        pidfile,
-        reuse_port,
-        unix_socket_mode,
-        admin_token,
-        metrics,
-        user,
-        group,
-        umask,
-        chdir,
-        forwarded_allow_ips,
-        store,
-        embed,
-        llm,
-        rag,
-    );
-}
-
-fn line_at(doc: &str, offset: usize) -> usize {
-    doc[..offset.min(doc.len())].matches('\n').count() + 1
-}
-
-/// The key assigned on a given line (`key = value`), for errors that point at the value.
-fn key_on_line(doc: &str, line: usize) -> Option<String> {
-    let text = doc.lines().nth(line.checked_sub(1)?)?;
-    let (key, _) = text.split_once('=')?;
-    let key = key.trim().trim_matches('"');
-    (!key.is_empty() && !key.starts_with('#')).then(|| key.to_string())
-}
-
-/// The line on which a key (`name` at the top level, `table.name` inside a table) is assigned.
-fn line_of_key(doc: &str, key: &str) -> Option<usize> {
-    let (want_table, name) = match key.split_once('.') {
-        Some((table, name)) => (Some(table), name),
-        None => (None, key),
-    };
-    let mut table: Option<String> = None;
-    for (i, text) in doc.lines().enumerate() {
-        let t = text.trim();
-        if let Some(header) = t.strip_prefix('[') {
-            table = Some(header.trim_end_matches(']').trim().to_string());
-            continue;
-        }
-        if let Some((k, _)) = t.split_once('=') {
-            if k.trim().trim_matches('"') == name && table.as_deref() == want_table {
-                return Some(i + 1);
-            }
-        }
-    }
-    None
-}
-
-fn seconds(
-    loader: &Loader,
-    key: &str,
-    raw: Option<RawSeconds>,
-    default: f64,
-) -> Result<Duration, ConfigError> {
-    let secs = raw.map(RawSeconds::as_f64).unwrap_or(default);
-    if !secs.is_finite() || !(0.0..=366.0 * 86400.0).contains(&secs) {
-        return Err(loader.invalid(key, format!("{secs} is not a sensible number of seconds")));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn count(
-    loader: &Loader,
-    key: &str,
-    raw: Option<i64>,
-    default: u64,
-    min: u64,
-) -> Result<u64, ConfigError> {
-    match raw {
-        None => Ok(default),
-        Some(v) if v >= 0 && (v as u64) >= min => Ok(v as u64),
-        Some(v) => {
-            Err(loader.invalid(key, format!("{v} is too small; the least allowed is {min}")))
-        }
-    }
-}
-
-fn validate(raw: RawConfig, loader: &Loader) -> Result<Config, ConfigError> {
-    let (workers, workers_auto) = match raw.workers {
-        None => (defaults::WORKERS, false),
-        Some(RawWorkers::Word(w)) if w.eq_ignore_ascii_case("auto") => (available_cpus(), true),
-        Some(RawWorkers::Word(w)) => {
-            return Err(loader.invalid(
-                "workers",
-                format!("\"{w}\" is neither a number nor \"auto\""),
-            ))
-        }
-        Some(RawWorkers::Count(n)) if n >= 1 && (n as usize) <= MAX_WORKERS => (n as usize, false),
-        Some(RawWorkers::Count(n)) => {
-            return Err(loader.invalid("workers", format!("{n} is out of range 1..={MAX_WORKERS}")))
-        }
+/// Turns checked values into a [`Config`], checking what a single key's range cannot: that
+/// addresses parse, users exist, modes are octal, and so on.
+fn validate(v: Values, path: Option<PathBuf>) -> Result<Config, ConfigError> {
+    let (workers, workers_auto) = match v.get(&WORKERS) {
+        Value::Auto => (available_cpus(), true),
+        _ => (v.int(&WORKERS) as usize, false),
     };
 
-    let specs = raw
-        .bind
-        .map(RawBind::into_vec)
-        .unwrap_or_else(|| vec![defaults::BIND.to_string()]);
-    if specs.is_empty() {
-        return Err(loader.invalid("bind", "needs at least one address"));
+    if v.list(&BIND).is_empty() {
+        return Err(v.invalid(&BIND, "needs at least one address"));
     }
-    let mut bind = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        let addr = BindAddr::parse(spec).map_err(|m| loader.invalid("bind", m))?;
+    let mut bind = Vec::with_capacity(v.list(&BIND).len());
+    for spec in v.list(&BIND) {
+        let addr = BindAddr::parse(spec).map_err(|m| v.invalid(&BIND, m))?;
         if bind.contains(&addr) {
-            return Err(loader.invalid("bind", format!("{addr} is listed twice")));
+            return Err(v.invalid(&BIND, format!("{addr} is listed twice")));
         }
         bind.push(addr);
     }
 
-    let backlog = count(loader, "backlog", raw.backlog, defaults::BACKLOG as u64, 1)?;
-    let backlog = i32::try_from(backlog).map_err(|_| loader.invalid("backlog", "is too large"))?;
+    let mode = v.text(&UNIX_SOCKET_MODE);
+    let unix_socket_mode = u32::from_str_radix(mode.trim().trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            v.invalid(
+                &UNIX_SOCKET_MODE,
+                format!("\"{mode}\" is not an octal mode like \"0660\""),
+            )
+        })?;
 
-    let loglevel = raw
-        .loglevel
-        .unwrap_or_else(|| defaults::LOGLEVEL.to_string());
-    if !["error", "warn", "info", "debug", "trace", "off"].contains(&loglevel.as_str()) {
-        return Err(loader.invalid(
-            "loglevel",
-            format!("\"{loglevel}\" is not one of error, warn, info, debug, trace, off"),
-        ));
-    }
-
-    let unix_socket_mode = match raw.unix_socket_mode {
-        None => defaults::UNIX_SOCKET_MODE,
-        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                loader.invalid(
-                    "unix_socket_mode",
-                    format!("\"{m}\" is not an octal mode like \"0660\""),
-                )
-            })?,
+    let field_error = |(name, message): process::FieldError| match keys::find("", name) {
+        Some(key) => v.invalid(key, message),
+        None => v.invalid(&USER, message),
     };
-
-    let timeout = seconds(loader, "timeout", raw.timeout, defaults::TIMEOUT_SECS)?;
-    if timeout < Duration::from_millis(100) {
-        return Err(loader.invalid("timeout", "must be at least 0.1 seconds"));
-    }
-    let path_value = |v: Option<String>| v.filter(|s| !s.is_empty());
-    let table_error = |table: &str, (key, message): app::TableError| {
-        loader.invalid(&format!("{table}.{key}"), message)
+    let run_as = process::run_as(v.optional(&USER), v.optional(&GROUP)).map_err(field_error)?;
+    let umask = process::umask(v.optional(&UMASK)).map_err(field_error)?;
+    let chdir = process::chdir(v.optional(&CHDIR)).map_err(field_error)?;
+    let forwarded_allow_ips = process::trusted_proxies(Some(v.list(&FORWARDED_ALLOW_IPS).to_vec()))
+        .map_err(field_error)?;
+    let log = |s: String| {
+        if s == "-" {
+            LogTarget::Std
+        } else {
+            LogTarget::File(PathBuf::from(s))
+        }
     };
-    let field_error = |(key, message): process::FieldError| loader.invalid(key, message);
-    let run_as = process::run_as(raw.user, raw.group).map_err(field_error)?;
-    let umask = process::umask(raw.umask).map_err(field_error)?;
-    let chdir = process::chdir(raw.chdir).map_err(field_error)?;
-    let forwarded_allow_ips =
-        process::trusted_proxies(raw.forwarded_allow_ips.map(RawBind::into_vec))
-            .map_err(field_error)?;
-    let store = app::store(raw.store.unwrap_or_default()).map_err(|e| table_error("store", e))?;
-    let embed = app::embed(raw.embed.unwrap_or_default()).map_err(|e| table_error("embed", e))?;
-    let llm = app::llm(raw.llm.unwrap_or_default()).map_err(|e| table_error("llm", e))?;
-    let rag = app::rag(raw.rag.unwrap_or_default()).map_err(|e| table_error("rag", e))?;
 
     Ok(Config {
-        path: loader.path.clone(),
+        path,
         workers,
         workers_auto,
         bind,
-        backlog,
-        timeout,
-        graceful_timeout: seconds(
-            loader,
-            "graceful_timeout",
-            raw.graceful_timeout,
-            defaults::GRACEFUL_TIMEOUT_SECS,
-        )?,
-        keepalive: seconds(loader, "keepalive", raw.keepalive, defaults::KEEPALIVE_SECS)?,
-        max_requests: count(loader, "max_requests", raw.max_requests, 0, 0)?,
-        max_requests_jitter: count(loader, "max_requests_jitter", raw.max_requests_jitter, 0, 0)?,
-        max_worker_memory_mib: count(loader, "max_worker_memory", raw.max_worker_memory, 0, 0)?,
-        worker_connections: count(
-            loader,
-            "worker_connections",
-            raw.worker_connections,
-            defaults::WORKER_CONNECTIONS as u64,
-            1,
-        )? as usize,
+        backlog: v.int(&BACKLOG) as i32,
+        timeout: v.seconds(&TIMEOUT),
+        graceful_timeout: v.seconds(&GRACEFUL_TIMEOUT),
+        keepalive: v.seconds(&KEEPALIVE),
+        max_requests: v.int(&MAX_REQUESTS) as u64,
+        max_requests_jitter: v.int(&MAX_REQUESTS_JITTER) as u64,
+        max_worker_memory_mib: v.int(&MAX_WORKER_MEMORY) as u64,
+        worker_connections: v.int(&WORKER_CONNECTIONS) as usize,
         limits: RequestLimits {
-            line: count(
-                loader,
-                "limit_request_line",
-                raw.limit_request_line,
-                defaults::LIMIT_REQUEST_LINE as u64,
-                64,
-            )? as usize,
-            fields: count(
-                loader,
-                "limit_request_fields",
-                raw.limit_request_fields,
-                defaults::LIMIT_REQUEST_FIELDS as u64,
-                1,
-            )? as usize,
-            field_size: count(
-                loader,
-                "limit_request_field_size",
-                raw.limit_request_field_size,
-                defaults::LIMIT_REQUEST_FIELD_SIZE as u64,
-                64,
-            )? as usize,
-            body: count(
-                loader,
-                "max_body_size",
-                raw.max_body_size,
-                defaults::MAX_BODY_SIZE,
-                0,
-            )?,
-            json_body: count(
-                loader,
-                "json_body_limit",
-                raw.json_body_limit,
-                defaults::JSON_BODY_LIMIT,
-                64,
-            )?,
+            line: v.int(&LIMIT_REQUEST_LINE) as usize,
+            fields: v.int(&LIMIT_REQUEST_FIELDS) as usize,
+            field_size: v.int(&LIMIT_REQUEST_FIELD_SIZE) as usize,
+            body: v.int(&MAX_BODY_SIZE) as u64,
+            json_body: v.int(&JSON_BODY_LIMIT) as u64,
         },
-        header_timeout: seconds(
-            loader,
-            "header_timeout",
-            raw.header_timeout,
-            defaults::HEADER_TIMEOUT_SECS,
-        )?,
-        body_timeout: seconds(
-            loader,
-            "body_timeout",
-            raw.body_timeout,
-            defaults::BODY_TIMEOUT_SECS,
-        )?,
-        accesslog: path_value(raw.accesslog).map(|s| LogTarget::parse(&s)),
-        errorlog: path_value(raw.errorlog)
-            .map(|s| LogTarget::parse(&s))
-            .unwrap_or(LogTarget::Std),
-        loglevel,
-        pidfile: path_value(raw.pidfile).map(PathBuf::from),
-        reuse_port: raw.reuse_port.unwrap_or(false),
+        header_timeout: v.seconds(&HEADER_TIMEOUT),
+        body_timeout: v.seconds(&BODY_TIMEOUT),
+        accesslog: v.optional(&ACCESSLOG).map(log),
+        errorlog: v.optional(&ERRORLOG).map(log).unwrap_or(LogTarget::Std),
+        loglevel: v.text(&LOGLEVEL).to_string(),
+        pidfile: v.optional(&PIDFILE).map(PathBuf::from),
+        reuse_port: v.flag(&REUSE_PORT),
         unix_socket_mode,
-        admin_token: path_value(raw.admin_token),
-        metrics: raw.metrics.unwrap_or(true),
+        admin_token: v.optional(&ADMIN_TOKEN),
+        metrics: v.flag(&METRICS),
         run_as,
         umask,
         chdir,
         forwarded_allow_ips,
-        store,
-        embed,
-        llm,
-        rag,
+        store: app::store(&v)?,
+        embed: app::embed(&v)?,
+        llm: app::llm(&v)?,
+        rag: app::rag(&v)?,
+        effective: v,
     })
 }
 
@@ -757,15 +317,10 @@ pub fn available_cpus() -> usize {
 }
 
 impl Config {
-    /// The effective configuration as TOML, for `ragpool check`.
+    /// The whole effective configuration as TOML, for `ragpool check`: every key of every
+    /// table, secrets masked, and a note on each value that came from the environment or a flag.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
-        let secs = |d: Duration| d.as_secs_f64();
-        let log = |t: &LogTarget| match t {
-            LogTarget::Std => "-".to_string(),
-            LogTarget::File(p) => p.display().to_string(),
-        };
-        let q = |s: &str| toml_string(s);
         let _ = writeln!(
             out,
             "# effective configuration{}",
@@ -774,47 +329,32 @@ impl Config {
                 None => " (built-in defaults; no config file)".to_string(),
             }
         );
-        let workers_note = if self.workers_auto {
-            "  # \"auto\""
-        } else {
-            ""
-        };
-        let _ = writeln!(out, "workers = {}{workers_note}", self.workers);
-        let binds: Vec<String> = self.bind.iter().map(|b| q(&b.to_string())).collect();
-        let _ = writeln!(out, "bind = [{}]", binds.join(", "));
-        let _ = writeln!(out, "backlog = {}", self.backlog);
-        let _ = writeln!(out, "timeout = {}", secs(self.timeout));
-        let _ = writeln!(out, "graceful_timeout = {}", secs(self.graceful_timeout));
-        let _ = writeln!(out, "keepalive = {}", secs(self.keepalive));
-        let _ = writeln!(out, "max_requests = {}", self.max_requests);
-        let _ = writeln!(out, "max_requests_jitter = {}", self.max_requests_jitter);
-        let _ = writeln!(out, "max_worker_memory = {}", self.max_worker_memory_mib);
-        let _ = writeln!(out, "worker_connections = {}", self.worker_connections);
-        let _ = writeln!(out, "limit_request_line = {}", self.limits.line);
-        let _ = writeln!(out, "limit_request_fields = {}", self.limits.fields);
-        let _ = writeln!(out, "limit_request_field_size = {}", self.limits.field_size);
-        let _ = writeln!(out, "max_body_size = {}", self.limits.body);
-        let _ = writeln!(out, "json_body_limit = {}", self.limits.json_body);
-        let _ = writeln!(out, "header_timeout = {}", secs(self.header_timeout));
-        let _ = writeln!(out, "body_timeout = {}", secs(self.body_timeout));
-        let _ = writeln!(
-            out,
-            "accesslog = {}",
-            q(&self.accesslog.as_ref().map(log).unwrap_or_default())
-        );
-        let _ = writeln!(out, "errorlog = {}", q(&log(&self.errorlog)));
-        let _ = writeln!(out, "loglevel = {}", q(&self.loglevel));
-        let _ = writeln!(
-            out,
-            "pidfile = {}",
-            q(&self
-                .pidfile
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default())
-        );
-        let _ = writeln!(out, "reuse_port = {}", self.reuse_port);
-        let _ = writeln!(out, "unix_socket_mode = \"{:04o}\"", self.unix_socket_mode);
+        let mut table = "";
+        for (key, value, origin) in self.effective.iter() {
+            if key.table != table {
+                table = key.table;
+                let _ = writeln!(out, "\n[{table}]");
+            }
+            let mut notes = Vec::new();
+            let shown = match value {
+                Value::Text(s) if key.is_secret() && !s.is_empty() => {
+                    notes.push("set, masked".to_string());
+                    keys::to_toml(&Value::Text("********".into()))
+                }
+                Value::Auto => {
+                    notes.push(format!("{} on this machine", self.workers));
+                    keys::to_toml(value)
+                }
+                _ => keys::to_toml(value),
+            };
+            if matches!(origin, Origin::Env(_) | Origin::Flag(_)) {
+                notes.push(format!("from {origin}"));
+            }
+            let _ = match notes.is_empty() {
+                true => writeln!(out, "{} = {shown}", key.name),
+                false => writeln!(out, "{} = {shown}  # {}", key.name, notes.join("; ")),
+            };
+        }
         out
     }
 }
@@ -957,13 +497,23 @@ mod tests {
     }
 
     #[test]
-    fn every_listed_key_is_a_real_key() {
-        for key in KEYS {
-            let err = parse(&format!("{key} = {{ x = 1 }}")).unwrap_err();
-            assert!(
-                !matches!(err, ConfigError::UnknownKey { .. }),
-                "{key}: {err}"
-            );
+    fn every_declared_key_is_read_from_the_file_and_its_variable() {
+        for key in ALL {
+            let default = key.kind.default_value();
+            let written = keys::to_toml(&default);
+            let doc = match key.table {
+                "" => format!("{} = {written}\n", key.name),
+                table => format!("[{table}]\n{} = {written}\n", key.name),
+            };
+            let mut values = Values::default();
+            sources::apply_file(&mut values, Path::new("w.toml"), &doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", key.path()));
+            assert!(matches!(values.origin(key), Origin::File { .. }), "{doc}");
+            let mut values = Values::default();
+            let var = key.env_var();
+            sources::apply_env(&mut values, |name| (name == var).then(|| written.clone())).unwrap();
+            assert_eq!(values.origin(key), &Origin::Env(var.clone()));
+            assert_eq!(values.get(key), &default, "{var}={written}");
         }
     }
 
@@ -986,6 +536,137 @@ mod tests {
                 ..again
             },
             c
+        );
+    }
+
+    #[test]
+    fn a_duplicate_key_says_so_with_its_line() {
+        let err = parse("workers = 2\nbacklog = 10\nworkers = 3\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "workers.toml:3: duplicate key `workers` in document root"
+        );
+        let err = parse("[llm]\nmodel = \"a\"\n\nmodel = \"b\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("workers.toml:4: duplicate key `model`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_sets_no_key_is_refused() {
+        for doc in [
+            "",
+            "\n\n",
+            "# workers = 4\n# bind = []\n",
+            "[llm]\n# model = \"x\"\n",
+        ] {
+            let err = parse(doc).unwrap_err();
+            assert!(matches!(err, ConfigError::Empty { .. }), "{doc:?}: {err}");
+            assert!(err.to_string().contains("sets no key"), "{err}");
+        }
+    }
+
+    #[test]
+    fn absurd_numbers_are_refused_naming_key_line_and_limit() {
+        for (doc, want) in [
+            (
+                "workers = 2\nheader_timeout = 0\n",
+                "workers.toml:2: key `header_timeout`: 0 is out of range 0.1..=3600",
+            ),
+            (
+                "backlog = 2147483647\n",
+                "workers.toml:1: key `backlog`: 2147483647 is out of range 1..=65535",
+            ),
+            (
+                "# c\nworker_connections = 1e12\n",
+                "workers.toml:2: key `worker_connections`: expected a whole number in \
+                 1..=1000000, found a fractional number",
+            ),
+            (
+                "worker_connections = 1000000000000\n",
+                "workers.toml:1: key `worker_connections`: 1000000000000 is out of range \
+                 1..=1000000",
+            ),
+            (
+                "max_body_size = 9200000000000000000\n",
+                "workers.toml:1: key `max_body_size`: 9200000000000000000 is out of range \
+                 0..=1073741824",
+            ),
+            (
+                "[llm]\ntemperature = 3\n",
+                "workers.toml:2: key `llm.temperature`: 3 is out of range 0..=2",
+            ),
+            (
+                "timeout = -1\n",
+                "workers.toml:1: key `timeout`: -1 is out of range 0.1..=3600",
+            ),
+        ] {
+            assert_eq!(parse(doc).unwrap_err().to_string(), want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_unless_it_was_the_absent_default_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("workers.toml");
+        let none = |_: &str| None;
+
+        // Named with --config: must exist.
+        let explicit = ConfigSource::new(Some(path.clone()), Overrides::default());
+        let err = load_with_env(&explicit, none).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+
+        // The implicit default, absent at start: built-in defaults, and still on a reload.
+        let mut implicit = ConfigSource::new(None, Overrides::default());
+        implicit.path = path.clone();
+        implicit.required = false;
+        let c = load_with_env(&implicit, none).unwrap();
+        assert_eq!((c.path, c.workers), (None, 1));
+
+        // Present at start, gone at the reload: refused, never a silent reset.
+        std::fs::write(&path, "workers = 3\n").unwrap();
+        let mut implicit = ConfigSource::new(None, Overrides::default());
+        implicit.path = path.clone();
+        implicit.required = path.exists();
+        assert_eq!(load_with_env(&implicit, none).unwrap().workers, 3);
+        std::fs::remove_file(&path).unwrap();
+        let err = load_with_env(&implicit, none).unwrap_err();
+        assert!(matches!(err, ConfigError::Vanished { .. }), "{err}");
+        assert!(err.to_string().contains("is gone"), "{err}");
+    }
+
+    #[test]
+    fn check_output_shows_every_table_and_masks_secrets() {
+        let c = parse(
+            "admin_token = \"hunter2\"\n[llm]\napi_key = \"sk-secret\"\nmodel = \"qwen2.5\"\n",
+        )
+        .unwrap();
+        let out = c.to_toml();
+        for key in ALL {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with(&format!("{} = ", key.name))),
+                "{} missing from:\n{out}",
+                key.path()
+            );
+        }
+        for table in keys::tables() {
+            assert!(out.contains(&format!("\n[{table}]\n")), "{out}");
+        }
+        assert!(
+            !out.contains("hunter2") && !out.contains("sk-secret"),
+            "{out}"
+        );
+        assert!(
+            out.contains("admin_token = \"********\"  # set, masked"),
+            "{out}"
+        );
+        assert!(out.contains("model = \"qwen2.5\""), "{out}");
+        assert!(
+            out.contains("api_key = \"\"\n"),
+            "unset secrets show empty: {out}"
         );
     }
 }

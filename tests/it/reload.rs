@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use crate::config;
 use crate::support::http;
 use crate::support::load::Load;
-use crate::support::{free_port, wait_until, ServerProcess};
+use crate::support::{free_port, wait_until, Launch, ServerProcess};
 
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -201,4 +201,78 @@ fn ragpool_reload_returns_once_the_new_generation_serves_and_fails_on_a_rejected
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot signal the master"));
+}
+
+/// What a HUP after `rewrite` must leave alone: the same worker processes, the same address,
+/// and a log line saying why the reload was refused.
+fn assert_hup_is_rejected(server: &ServerProcess, rejections: usize, why: &str) {
+    let before = server.workers();
+    let addr = server.addr();
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log_count("Reload rejected", rejections, BOUND),
+        "{}",
+        server.logs()
+    );
+    let logs = server.logs();
+    let line = logs
+        .lines()
+        .filter(|l| l.contains("Reload rejected"))
+        .nth(rejections - 1)
+        .unwrap_or_default();
+    assert!(line.contains(why), "expected {why:?} in {line:?}\n{logs}");
+    assert_eq!(
+        server.workers(),
+        before,
+        "same processes, none started or stopped"
+    );
+    assert_eq!(
+        server.count_in_log("Reloading: starting generation"),
+        0,
+        "{logs}"
+    );
+    assert_eq!(http::get(&addr, "/health").unwrap().status, 200);
+}
+
+#[test]
+fn hup_with_an_empty_or_comments_only_config_keeps_the_pool() {
+    let server = ServerProcess::start(&config(2, ""));
+    server.rewrite_config("");
+    assert_hup_is_rejected(&server, 1, "sets no key (empty, or only comments)");
+    server.rewrite_config("# workers = 4\n\n# bind = [\"127.0.0.1:8000\"]\n[llm]\n");
+    assert_hup_is_rejected(&server, 2, "sets no key");
+    assert_eq!(server.count_in_log("Booting worker"), 2);
+
+    server.rewrite_config(&config(3, ""));
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload complete", BOUND),
+        "{}",
+        server.logs()
+    );
+    assert!(server.wait_for_workers(3, BOUND), "{:?}", server.workers());
+}
+
+#[test]
+fn hup_after_the_config_file_was_deleted_keeps_the_pool() {
+    // Named with --config.
+    let server = ServerProcess::start(&config(2, ""));
+    std::fs::remove_file(&server.config_path).unwrap();
+    assert_hup_is_rejected(&server, 1, "cannot read config file");
+
+    // The implicit ./workers.toml, present at start.
+    let server = ServerProcess::launch(
+        &config(2, ""),
+        Launch {
+            implicit_config: true,
+            ..Launch::default()
+        },
+    );
+    assert!(
+        server.wait_for_log("are serving", BOUND),
+        "{}",
+        server.logs()
+    );
+    std::fs::remove_file(&server.config_path).unwrap();
+    assert_hup_is_rejected(&server, 1, "is gone (it was there when ragpool started)");
 }

@@ -74,6 +74,8 @@ pub struct Launch<'a> {
     pub extra_args: &'a [&'a str],
     /// Run this binary instead of the one cargo built (e.g. a copy a test can replace).
     pub binary: Option<&'a Path>,
+    /// Leave out `--config`: the server finds ./workers.toml in its working directory.
+    pub implicit_config: bool,
 }
 
 /// A running `ragpool serve` in its own temp dir and process group; killed on drop.
@@ -125,10 +127,11 @@ impl ServerProcess {
             None => Command::new(binary),
         };
         command.envs(launch.env.iter().copied());
+        command.arg("serve");
+        if !launch.implicit_config {
+            command.arg("--config").arg(&config_path);
+        }
         command
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
             .args(launch.extra_args)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
