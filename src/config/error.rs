@@ -41,7 +41,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error(
-        "config file {} is gone (it was there when ragpool started); refusing to fall back to \
+        "config file {} is gone (ragpool has read it before); refusing to fall back to \
          built-in defaults",
         path.display()
     )]

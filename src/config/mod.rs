@@ -19,6 +19,8 @@ pub mod sources;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use app::{
@@ -140,11 +142,12 @@ pub struct ConfigSource {
     pub path: PathBuf,
     /// `false` when the path is the implicit default, which may be absent.
     pub explicit: bool,
-    /// Whether the file must exist: it was named with `--config`, or it existed when ragpool
-    /// started. A default `./workers.toml` absent at start means built-in defaults (and a
-    /// reload re-reads them); one that disappears later is an error, never a silent reset.
-    pub required: bool,
     pub overrides: Overrides,
+    /// Whether the file must exist: it was named with `--config`, or it has been there since
+    /// ragpool started. A default `./workers.toml` absent at start means built-in defaults (and
+    /// a reload re-reads them); once the file has been read, its disappearing is an error, never
+    /// a silent reset. Shared by clones: they are the same source.
+    required: Arc<AtomicBool>,
 }
 
 impl ConfigSource {
@@ -155,10 +158,15 @@ impl ConfigSource {
         let path = std::path::absolute(&path).unwrap_or(path);
         ConfigSource {
             explicit,
-            required: explicit || path.exists(),
+            required: Arc::new(AtomicBool::new(explicit || path.exists())),
             path,
             overrides,
         }
+    }
+
+    /// Whether a missing file is an error (see the field's doc).
+    pub fn required(&self) -> bool {
+        self.required.load(Ordering::Relaxed)
     }
 }
 
@@ -175,10 +183,11 @@ pub fn load_with_env(
     let mut values = Values::default();
     let path = match std::fs::read_to_string(&source.path) {
         Ok(doc) => {
+            source.required.store(true, Ordering::Relaxed);
             sources::apply_file(&mut values, &source.path, &doc)?;
             Some(source.path.clone())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !source.required => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !source.required() => None,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !source.explicit => {
             return Err(ConfigError::Vanished {
                 path: source.path.clone(),
@@ -619,20 +628,29 @@ mod tests {
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
 
         // The implicit default, absent at start: built-in defaults, and still on a reload.
-        let mut implicit = ConfigSource::new(None, Overrides::default());
-        implicit.path = path.clone();
-        implicit.required = false;
-        let c = load_with_env(&implicit, none).unwrap();
+        let implicit = |path: &Path| ConfigSource {
+            path: path.to_path_buf(),
+            required: Arc::new(AtomicBool::new(path.exists())),
+            ..ConfigSource::new(None, Overrides::default())
+        };
+        let absent = implicit(&path);
+        let c = load_with_env(&absent, none).unwrap();
         assert_eq!((c.path, c.workers), (None, 1));
+        let c = load_with_env(&absent, none).unwrap();
+        assert_eq!((c.path, c.workers), (None, 1));
+        // Created later and read by a reload: from then on it is required too.
+        std::fs::write(&path, "workers = 2\n").unwrap();
+        assert_eq!(load_with_env(&absent, none).unwrap().workers, 2);
+        std::fs::remove_file(&path).unwrap();
+        let err = load_with_env(&absent, none).unwrap_err();
+        assert!(matches!(err, ConfigError::Vanished { .. }), "{err}");
 
         // Present at start, gone at the reload: refused, never a silent reset.
         std::fs::write(&path, "workers = 3\n").unwrap();
-        let mut implicit = ConfigSource::new(None, Overrides::default());
-        implicit.path = path.clone();
-        implicit.required = path.exists();
-        assert_eq!(load_with_env(&implicit, none).unwrap().workers, 3);
+        let present = implicit(&path);
+        assert!(present.required());
         std::fs::remove_file(&path).unwrap();
-        let err = load_with_env(&implicit, none).unwrap_err();
+        let err = load_with_env(&present, none).unwrap_err();
         assert!(matches!(err, ConfigError::Vanished { .. }), "{err}");
         assert!(err.to_string().contains("is gone"), "{err}");
     }
@@ -668,5 +686,35 @@ mod tests {
             out.contains("api_key = \"\"\n"),
             "unset secrets show empty: {out}"
         );
+    }
+
+    #[test]
+    fn tables_may_be_inline_or_dotted_and_must_be_tables() {
+        let c =
+            parse("workers = 1\nllm = { model = \"a\", max_tokens = 9 }\nrag.top_k = 3\n").unwrap();
+        assert_eq!(
+            (c.llm.model.as_str(), c.llm.max_tokens, c.rag.top_k),
+            ("a", 9, 3)
+        );
+        let err = parse("workers = 1\nllm = { model = \"a\", max_tokns = 9 }\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "workers.toml:2: unknown key `max_tokns` (did you mean `max_tokens`?)"
+            ),
+            "{err}"
+        );
+        let err = parse("workers = 1\n\n[[llm]]\nmodel = \"a\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "workers.toml:3: key `llm`: expected a table [llm]"
+        );
+        let err = parse("[workers]\nn = 1\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("workers.toml:1: key `workers`: expected"),
+            "{err}"
+        );
+        let err = parse("[stor]\nbackend = \"qdrant\"\n").unwrap_err();
+        assert!(err.to_string().contains("did you mean `store`"), "{err}");
     }
 }

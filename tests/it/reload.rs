@@ -208,6 +208,7 @@ fn ragpool_reload_returns_once_the_new_generation_serves_and_fails_on_a_rejected
 fn assert_hup_is_rejected(server: &ServerProcess, rejections: usize, why: &str) {
     let before = server.workers();
     let addr = server.addr();
+    let generations = server.count_in_log("Reloading: starting generation");
     server.signal(Signal::SIGHUP);
     assert!(
         server.wait_for_log_count("Reload rejected", rejections, BOUND),
@@ -228,8 +229,8 @@ fn assert_hup_is_rejected(server: &ServerProcess, rejections: usize, why: &str) 
     );
     assert_eq!(
         server.count_in_log("Reloading: starting generation"),
-        0,
-        "{logs}"
+        generations,
+        "no generation was started:\n{logs}"
     );
     assert_eq!(http::get(&addr, "/health").unwrap().status, 200);
 }
@@ -274,5 +275,58 @@ fn hup_after_the_config_file_was_deleted_keeps_the_pool() {
         server.logs()
     );
     std::fs::remove_file(&server.config_path).unwrap();
-    assert_hup_is_rejected(&server, 1, "is gone (it was there when ragpool started)");
+    assert_hup_is_rejected(&server, 1, "is gone (ragpool has read it before)");
+}
+
+#[test]
+fn without_a_workers_toml_at_start_the_defaults_serve_until_a_file_is_read() {
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let server = ServerProcess::launch(
+        "",
+        Launch {
+            implicit_config: true,
+            no_file: true,
+            env: &[
+                ("RAGPOOL_BIND", bind.as_str()),
+                ("RAGPOOL_RAG__INGEST_DOCS_ON_FIRST_RUN", "false"),
+            ],
+            ..Launch::default()
+        },
+    );
+    assert!(
+        server.wait_for_log("are serving", BOUND),
+        "{}",
+        server.logs()
+    );
+    assert!(
+        server.logs().contains("No config file at") && server.logs().contains("built-in defaults"),
+        "{}",
+        server.logs()
+    );
+    assert!(server.wait_for_workers(1, BOUND), "{:?}", server.workers());
+
+    // Still no file: a reload re-reads the same defaults.
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload complete: generation 2 is serving", BOUND),
+        "{}",
+        server.logs()
+    );
+
+    // The operator creates the file: the next reload reads it...
+    server.rewrite_config("workers = 2\n");
+    server.signal(Signal::SIGHUP);
+    assert!(
+        server.wait_for_log("Reload complete: generation 3 is serving", BOUND),
+        "{}",
+        server.logs()
+    );
+    assert!(server.wait_for_workers(2, BOUND), "{:?}", server.workers());
+
+    // ... and from then on its disappearing is refused, not a reset to one worker.
+    std::fs::remove_file(&server.config_path).unwrap();
+    assert_hup_is_rejected(&server, 1, "is gone");
+    assert_eq!(server.workers().len(), 2);
+    assert_eq!(http::get(&bind, "/health").unwrap().status, 200);
 }

@@ -76,6 +76,8 @@ pub struct Launch<'a> {
     pub binary: Option<&'a Path>,
     /// Leave out `--config`: the server finds ./workers.toml in its working directory.
     pub implicit_config: bool,
+    /// Write no workers.toml at all (with `implicit_config`: built-in defaults).
+    pub no_file: bool,
 }
 
 /// A running `ragpool serve` in its own temp dir and process group; killed on drop.
@@ -116,7 +118,9 @@ impl ServerProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = config.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("workers.toml");
-        std::fs::write(&config_path, config).expect("write workers.toml");
+        if !launch.no_file {
+            std::fs::write(&config_path, config).expect("write workers.toml");
+        }
         let binary = launch.binary.unwrap_or(Path::new(BIN));
         let mut command = match launch.wrapper.split_first() {
             Some((program, args)) => {
