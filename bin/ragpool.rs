@@ -134,7 +134,7 @@ fn serve(source: ConfigSource) -> ExitCode {
             source.path.display()
         );
     }
-    match master::run(source, config) {
+    match master::run(source, config, worker_main) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{}", error_chain(&e));
@@ -145,6 +145,20 @@ fn serve(source: ConfigSource) -> ExitCode {
             }
         }
     }
+}
+
+/// The worker entry point handed to the master: the binary is what ties them together, so the
+/// master never depends on the worker, HTTP or the app.
+fn worker_main(context: master::WorkerContext) -> i32 {
+    ragpool::worker::run(ragpool::worker::WorkerBoot {
+        slot: context.slot,
+        board: context.board,
+        slot_index: context.slot_index,
+        generation: context.generation,
+        config: context.config,
+        listen_fds: context.listen_fds,
+        master_pid: context.master_pid,
+    })
 }
 
 /// `ragpool status`: the pool as its `/status` endpoint sees it.

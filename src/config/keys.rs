@@ -115,6 +115,8 @@ keys! {
         "seconds a worker's event loop may be silent before SIGABRT, then SIGKILL";
     GRACEFUL_TIMEOUT: "" "graceful_timeout", secs(30.0, 0.0, HOUR),
         "seconds a stopping or retiring worker gets to finish in-flight requests";
+    BOOT_TIMEOUT: "" "boot_timeout", secs(30.0, 0.1, HOUR),
+        "seconds a reload's new generation may take until every worker serves; past it the reload is rolled back";
     KEEPALIVE: "" "keepalive", secs(5.0, 0.0, HOUR), "seconds an idle keep-alive connection stays open (0 = no keep-alive)";
     MAX_REQUESTS: "" "max_requests", int(0, 0, 1_000_000_000), "recycle a worker after this many requests; 0 = never";
     MAX_REQUESTS_JITTER: "" "max_requests_jitter", int(0, 0, 1_000_000_000),

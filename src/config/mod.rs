@@ -76,6 +76,9 @@ pub struct Config {
     pub timeout: Duration,
     /// How long a stopping or retiring worker may take to finish in-flight requests.
     pub graceful_timeout: Duration,
+    /// How long a reload's new generation may take until every worker serves; past it the
+    /// reload is rolled back and the old generation keeps serving.
+    pub boot_timeout: Duration,
     /// How long an idle keep-alive connection is kept open.
     pub keepalive: Duration,
     /// Recycle a worker after this many requests (0 = never).
@@ -283,6 +286,7 @@ fn validate(v: Values, path: Option<PathBuf>) -> Result<Config, ConfigError> {
         backlog: v.int(&BACKLOG) as i32,
         timeout: v.seconds(&TIMEOUT),
         graceful_timeout: v.seconds(&GRACEFUL_TIMEOUT),
+        boot_timeout: v.seconds(&BOOT_TIMEOUT),
         keepalive: v.seconds(&KEEPALIVE),
         max_requests: v.int(&MAX_REQUESTS) as u64,
         max_requests_jitter: v.int(&MAX_REQUESTS_JITTER) as u64,

@@ -1,29 +1,32 @@
 //! The master (Gunicorn's arbiter, nginx's master cycle): binds, forks, supervises.
 //!
-//! It is single-threaded for its whole life and never imports tokio, hyper or the app. One loop,
-//! the same every turn:
+//! It is single-threaded for its whole life and never imports tokio, hyper, the worker or the
+//! app: the binary hands it the worker's entry point ([`WorkerMain`]). The master is split in
+//! two. [`pool`] decides everything (which worker to spawn, signal, kill, count, when to
+//! commit a reload or exit) as a pure function of events; this module is the effectful shell
+//! around it. One loop, the same every turn:
 //!
-//! 1. wait for signals (or the tick) and dispatch each through [`policy::action_for`];
-//! 2. reap exited workers and decide what each exit means (crash, boot failure, retirement);
-//! 3. when stopping: escalate to SIGKILL at the deadline, return once every worker is gone;
-//! 4. otherwise run the reconcilers, each idempotent: `observe_workers` (who has booted),
-//!    `murder_stale_workers` (silent past `timeout`), `advance_reload` (commit or roll back a
-//!    new generation), `mark_recycling` (max_requests, memory), `manage_workers` (top up or trim
-//!    to the target), `retire_replaced_workers` (retire recycled workers once their replacements
-//!    serve) and `note_first_generation_booted`.
-//!
-//! All policy lives in those small named functions.
+//! 1. wait for signals (or the tick, or the next backoff/boot token the pool asks for) and feed
+//!    each to the pool;
+//! 2. reap exited children and feed each exit (with what its scoreboard slot says);
+//! 3. feed a tick carrying every live worker's scoreboard sample (ready, silence, requests,
+//!    memory), from which the pool murders, recycles and commits;
+//! 4. carry out the pool's commands in order: fork, signal, adopt/commit/drop a generation's
+//!    listeners, notify systemd, count restarts, log; a `Spawn` is answered at once with the
+//!    fork's result, so the pool's view never lags the processes.
 
 mod listeners;
 pub mod notify;
+pub mod orphan;
 mod pidfile;
 pub mod policy;
+pub mod pool;
 pub mod reload_reply;
 pub mod signals;
 mod spawn;
 mod upgrade;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,28 +38,19 @@ use nix::unistd::Pid;
 
 use crate::config::{self, Config, ConfigSource, MAX_WORKERS};
 use crate::scoreboard::{monotonic_ms, Scoreboard, ScoreboardError, SlotState};
-use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 pub use listeners::{ListenError, Listeners};
 use notify::Notifier;
 pub use pidfile::{Pidfile, PidfileError};
-use policy::{Action, Phase};
+use policy::Phase;
+use pool::{Command, Event, ExitStatus, Pool, Sample, Spec};
+pub use pool::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 use signals::{SignalError, SignalQueue};
 use spawn::{spawn_worker, Spawn};
+pub use spawn::{WorkerContext, WorkerMain};
 use upgrade::Executable;
 
 /// How long the loop sleeps when nothing happens. Signals wake it at once.
 const LOOP_TICK: Duration = Duration::from_millis(200);
-/// After SIGABRT, how long a hung worker gets before SIGKILL.
-const ABORT_GRACE: Duration = Duration::from_secs(2);
-/// A retiring worker gets `graceful_timeout` plus this before SIGKILL.
-const RETIRE_GRACE: Duration = Duration::from_secs(1);
-/// Workers told to stop quickly (INT) get this before SIGKILL.
-const QUICK_STOP_GRACE: Duration = Duration::from_secs(2);
-/// A worker that dies younger than this counts towards the crash-loop backoff.
-const MIN_HEALTHY_LIFETIME: Duration = Duration::from_secs(5);
-/// Backoff between respawns in a crash loop: doubles from the base up to the cap.
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Scoreboard slots: two full generations plus room for TTIN during a reload.
 const SCOREBOARD_SLOTS: usize = 2 * MAX_WORKERS + 64;
 
@@ -84,129 +78,57 @@ pub enum MasterError {
     BootFailed { pid: i32, reason: String },
 }
 
-/// Why a worker is being replaced while still healthy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RecycleCause {
-    MaxRequests,
-    Memory,
-}
-
-/// The master's view of one worker process.
-#[derive(Debug)]
-struct Worker {
-    pid: Pid,
-    /// Its scoreboard slot.
-    slot: usize,
-    generation: u64,
-    spawned: Instant,
-    /// Requests after which it is recycled (0 = never); includes its jitter.
-    request_limit: u64,
-    /// Seen in state Ready at least once.
-    booted: bool,
-    /// Marked for replacement; keeps serving until its replacement has booted.
-    recycle: Option<RecycleCause>,
-    /// When it was told to stop (SIGTERM).
-    retiring_since: Option<Instant>,
-    /// When SIGABRT was sent for silence.
-    aborted_at: Option<Instant>,
-    /// SIGKILL sent; nothing more to do but reap.
-    killed: bool,
-    /// Why it is being replaced, for the restart counters (None: not a replacement).
-    cause: Option<&'static str>,
-}
-
-/// A new generation started by HUP that has not yet taken over.
-struct Reload {
+/// What the master holds for one generation: its config and its listening sockets.
+struct Resources {
     config: Arc<Config>,
-    generation: u64,
     listeners: Listeners,
-    started: Instant,
-}
-
-/// Exponential backoff for respawning in a crash loop.
-struct Backoff {
-    failures: u32,
-    not_before: Instant,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff {
-            failures: 0,
-            not_before: Instant::now(),
-        }
-    }
-
-    fn record_failure(&mut self) {
-        self.failures = self.failures.saturating_add(1);
-        let exp = self.failures.saturating_sub(1).min(16);
-        let delay = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_CAP);
-        self.not_before = Instant::now() + delay;
-        if self.failures > 1 {
-            log::warn!(
-                "workers keep failing ({} in a row); next spawn in {delay:?}",
-                self.failures
-            );
-        }
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    fn allows_spawn(&self) -> bool {
-        Instant::now() >= self.not_before
-    }
 }
 
 pub struct Arbiter {
     /// Where the config comes from, so HUP can read it again.
     source: ConfigSource,
-    /// The configuration of the serving generation.
-    config: Arc<Config>,
-    /// The serving generation's number.
-    generation: u64,
-    /// Source of generation numbers; never reused, even after a rolled-back reload.
-    last_generation: u64,
-    /// How many workers the serving generation should have (config, adjusted by TTIN/TTOU).
-    target: usize,
-    phase: Phase,
-    /// When stopping: when to stop waiting and SIGKILL.
-    stop_deadline: Option<Instant>,
-    listeners: Listeners,
-    reload: Option<Reload>,
-    workers: BTreeMap<Pid, Worker>,
+    /// Every decision.
+    pool: Pool,
+    /// Config and listeners of the serving generation and of a pending reload, by number.
+    generations: BTreeMap<u64, Resources>,
+    /// A reload's config and listeners between `LoadConfig` and `AdoptGeneration`.
+    staged: Option<Resources>,
+    /// Each live worker's scoreboard slot.
+    slots: BTreeMap<Pid, usize>,
     scoreboard: Scoreboard,
     signals: SignalQueue,
-    backoff: Backoff,
-    /// Set when the master must give up (first generation cannot boot).
-    halt: Option<MasterError>,
+    /// The worker's entry point, given by the binary.
+    worker_main: WorkerMain,
     pidfile: Option<Pidfile>,
     /// The binary and arguments to exec on USR2.
     exe: Executable,
-    /// A new master started by USR2 that has not yet taken over.
-    upgrade: Option<upgrade::NewMaster>,
-    /// When this master was started by USR2: the old master to stop once we serve.
-    upgraded_from: Option<Pid>,
-    /// Seed for `max_requests_jitter`.
-    jitter_seed: u64,
     /// systemd's notify socket (no-op when not run by systemd).
     notify: Notifier,
-    /// How the last reload ended, for STATUS= lines.
-    last_reload: String,
+    /// A new master started by USR2 that has not yet taken over (not our child: a pidfd).
+    upgrade: Option<upgrade::NewMaster>,
     /// `ragpool reload` clients waiting for the pending reload's outcome.
     reload_waiting: reload_reply::Waiting,
+    /// Set by `Exit` or `Halt`: what `run_loop` returns.
+    outcome: Option<Result<(), MasterError>>,
 }
 
 /// Runs the master until it is told to stop. Returns once every worker has exited.
-pub fn run(source: ConfigSource, config: Config) -> Result<(), MasterError> {
-    let mut arbiter = Arbiter::start(source, config)?;
+pub fn run(
+    source: ConfigSource,
+    config: Config,
+    worker_main: WorkerMain,
+) -> Result<(), MasterError> {
+    let mut arbiter = Arbiter::start(source, config, worker_main)?;
     arbiter.run_loop()
 }
 
 impl Arbiter {
     /// Binds, maps the scoreboard and installs signal handlers. Forks nothing yet.
-    pub fn start(source: ConfigSource, config: Config) -> Result<Arbiter, MasterError> {
+    pub fn start(
+        source: ConfigSource,
+        config: Config,
+        worker_main: WorkerMain,
+    ) -> Result<Arbiter, MasterError> {
         if let Some(mask) = config.umask {
             // SAFETY: umask only changes this process's file-creation mask.
             unsafe { libc::umask(mask as libc::mode_t) };
@@ -251,477 +173,305 @@ impl Arbiter {
         scoreboard.header().set_master(me);
         scoreboard.header().set_generation(1);
         let signals = SignalQueue::install()?;
+        let pool = Pool::new(
+            Spec::from(&config),
+            upgrade::upgraded_from(),
+            u64::from(me) ^ monotonic_ms(),
+            Instant::now(),
+        );
+        let mut generations = BTreeMap::new();
+        generations.insert(
+            1,
+            Resources {
+                config: Arc::new(config),
+                listeners,
+            },
+        );
         Ok(Arbiter {
             source,
-            target: config.workers,
-            config: Arc::new(config),
-            generation: 1,
-            last_generation: 1,
-            phase: Phase::Booting,
-            stop_deadline: None,
-            listeners,
-            reload: None,
-            workers: BTreeMap::new(),
+            pool,
+            generations,
+            staged: None,
+            slots: BTreeMap::new(),
             scoreboard,
             signals,
-            backoff: Backoff::new(),
-            halt: None,
+            worker_main,
             pidfile,
             exe: Executable::current(),
-            upgrade: None,
-            upgraded_from: upgrade::upgraded_from(),
-            jitter_seed: u64::from(me) ^ monotonic_ms(),
             notify: Notifier::from_env(),
-            last_reload: String::from("none"),
+            upgrade: None,
             reload_waiting: reload_reply::Waiting::default(),
+            outcome: None,
         })
     }
 
     pub fn run_loop(&mut self) -> Result<(), MasterError> {
-        self.manage_workers(); // the first generation, without waiting for the first tick
+        self.feed(Event::Start); // the first generation, without waiting for the first tick
         loop {
-            let tick = self
+            if let Some(outcome) = self.outcome.take() {
+                return outcome;
+            }
+            let now = Instant::now();
+            let mut sleep = self
                 .notify
                 .max_sleep()
                 .map_or(LOOP_TICK, |d| d.min(LOOP_TICK));
-            for signal in self.signals.wait(tick) {
-                self.dispatch(signal);
+            if let Some(at) = self.pool.next_wakeup(now) {
+                sleep = sleep.min(at.saturating_duration_since(now));
+            }
+            for signal in self.signals.wait(sleep) {
+                self.feed(Event::Signal(signal));
             }
             self.reap_workers();
-            if let Some(error) = self.halt.take() {
-                self.kill_all_and_wait();
-                return Err(error);
-            }
-            self.observe_workers();
-            if matches!(self.phase, Phase::Draining | Phase::Halting) {
-                if self.workers.is_empty() {
-                    log::info!("Shutting down: master exits");
-                    return Ok(());
-                }
-                self.escalate_stop();
-                continue;
-            }
-            self.murder_stale_workers();
-            self.advance_reload();
-            self.mark_recycling();
-            self.manage_workers();
-            self.retire_replaced_workers();
-            self.note_first_generation_booted();
-            self.notify.watchdog();
-        }
-    }
-
-    // ----- signals -------------------------------------------------------------------------
-
-    fn dispatch(&mut self, signal: Signal) {
-        match policy::action_for(self.phase, signal) {
-            Action::Reap => {}
-            Action::Reload => {
-                log::info!("Handling signal: {signal}");
-                self.reload();
-            }
-            Action::StopGracefully => {
-                log::info!("Handling signal: {signal}: graceful shutdown");
-                self.stop(false);
-            }
-            Action::StopQuickly => {
-                log::info!("Handling signal: {signal}: quick shutdown");
-                self.stop(true);
-            }
-            Action::AddWorker => {
-                self.target = (self.target + 1).min(MAX_WORKERS);
-                log::info!(
-                    "Handling signal: {signal}: target is now {} workers",
-                    self.target
-                );
-            }
-            Action::RemoveWorker => {
-                self.target = self.target.saturating_sub(1).max(1);
-                log::info!(
-                    "Handling signal: {signal}: target is now {} workers",
-                    self.target
-                );
-            }
-            Action::ReopenLogs => {
-                log::info!("Handling signal: {signal}: reopening log files");
-                if let Err(e) = crate::logging::reopen_error_log() {
-                    log::error!("cannot reopen the error log: {e}");
-                }
-                self.signal_workers(Signal::SIGUSR1, |_| true);
-            }
-            Action::Upgrade => {
-                log::info!("Handling signal: {signal}: binary upgrade");
-                self.start_upgrade();
-            }
-            Action::Ignore(why) => {
-                log::info!("Ignoring signal {signal}: {why}");
-                if signal == Signal::SIGHUP {
-                    reload_reply::decline_recorded();
-                }
+            let samples = self.sample_workers();
+            self.feed(Event::Tick { samples });
+            if matches!(self.pool.phase(), Phase::Booting | Phase::Running) {
+                self.notify.watchdog();
             }
         }
     }
 
-    // ----- reaping -------------------------------------------------------------------------
+    /// Feeds one event to the pool and carries out what it decides, answering spawns at once.
+    fn feed(&mut self, event: Event) {
+        let mut queue: VecDeque<Command> = self.pool.on_event(event, Instant::now()).into();
+        while let Some(command) = queue.pop_front() {
+            if let Some(answer) = self.execute(command) {
+                queue.extend(self.pool.on_event(answer, Instant::now()));
+            }
+        }
+    }
+
+    // ----- reaping and sampling ------------------------------------------------------------
 
     fn reap_workers(&mut self) {
-        if let Some(new_master) = self.upgrade.take_if(|m| m.has_exited()) {
-            log::error!("Upgrade failed: the new master (pid {}) exited before taking over; this master keeps serving", new_master.pid);
-            self.abort_upgrade();
+        if self.upgrade.take_if(|m| m.has_exited()).is_some() {
+            self.feed(Event::UpgradeExited);
         }
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            let (pid, status) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                Ok(WaitStatus::Exited(pid, code)) => self.on_worker_exit(pid, ExitKind::Code(code)),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    self.on_worker_exit(pid, ExitKind::Signal(sig))
-                }
-                Ok(_) => continue,
-                Err(Errno::EINTR) => continue,
+                Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig)),
+                Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
                     log::error!("waitpid failed: {e}");
                     return;
                 }
-            }
-        }
-    }
-
-    fn on_worker_exit(&mut self, pid: Pid, how: ExitKind) {
-        let Some(worker) = self.workers.remove(&pid) else {
-            log::debug!("reaped unknown child {pid} ({how})");
-            return;
-        };
-        let slot = self.scoreboard.slot(worker.slot);
-        let booted =
-            worker.booted || matches!(slot.state(), SlotState::Ready | SlotState::Draining);
-        let boot_error = slot.boot_error();
-        self.scoreboard.retire_slot(worker.slot);
-
-        let stopping = matches!(self.phase, Phase::Draining | Phase::Halting);
-        let cause = match (stopping, worker.cause, worker.retiring_since) {
-            (true, _, _) => None,
-            (false, Some(cause), _) => Some(cause),
-            (false, None, None) => Some("crash"),
-            (false, None, Some(_)) => None,
-        };
-        if let Some(cause) = cause {
-            self.scoreboard.header().count_restart(cause);
-        }
-        let expected = worker.retiring_since.is_some() || stopping;
-        if expected {
-            log::info!(
-                "Worker exiting (pid: {pid}, generation {}): {how}",
-                worker.generation
-            );
-            return;
-        }
-        log::error!(
-            "Worker (pid: {pid}, generation {}) died: {how}",
-            worker.generation
-        );
-
-        let boot_failure = !booted && how.is_boot_failure();
-        let in_pending_reload = self
-            .reload
-            .as_ref()
-            .is_some_and(|r| r.generation == worker.generation);
-        if in_pending_reload && !booted {
-            let reason = boot_error.unwrap_or_else(|| how.to_string());
-            self.abort_reload(&format!(
-                "a new worker (pid {pid}) failed to boot: {reason}"
-            ));
-        } else if boot_failure && self.phase == Phase::Booting {
-            let reason = boot_error.unwrap_or_else(|| how.to_string());
-            log::error!("Worker failed to boot: {reason}");
-            self.halt = Some(MasterError::BootFailed {
-                pid: pid.as_raw(),
-                reason,
-            });
-        } else if worker.spawned.elapsed() < MIN_HEALTHY_LIFETIME || boot_failure {
-            if let Some(reason) = boot_error {
-                log::error!("Worker failed to boot: {reason}");
-            }
-            self.backoff.record_failure();
-        } else {
-            self.backoff.reset();
-        }
-    }
-
-    // ----- reconcilers ---------------------------------------------------------------------
-
-    /// Notes which workers have finished booting.
-    fn observe_workers(&mut self) {
-        for worker in self.workers.values_mut() {
-            if !worker.booted && self.scoreboard.slot(worker.slot).state() == SlotState::Ready {
-                worker.booted = true;
-                log::debug!(
-                    "worker {} (generation {}) is serving",
-                    worker.pid,
-                    worker.generation
-                );
-            }
-        }
-    }
-
-    /// Kills workers whose event loop has been silent longer than `timeout`: SIGABRT, then SIGKILL.
-    fn murder_stale_workers(&mut self) {
-        let now_ms = monotonic_ms();
-        let timeout_ms = self.config.timeout.as_millis() as u64;
-        let retire_limit = self.config.graceful_timeout + RETIRE_GRACE;
-        for worker in self.workers.values_mut().filter(|w| !w.killed) {
-            let silence = self.scoreboard.slot(worker.slot).silence_ms(now_ms);
-            let overdue_retiree = worker
-                .retiring_since
-                .is_some_and(|t| t.elapsed() > retire_limit);
-            match worker.aborted_at {
-                _ if overdue_retiree => {
-                    log::warn!(
-                        "Worker (pid: {}) did not finish within graceful_timeout; killing it",
-                        worker.pid
-                    );
-                    send(worker.pid, Signal::SIGKILL);
-                    worker.killed = true;
-                }
-                None if silence > timeout_ms => {
-                    log::error!(
-                        "WORKER TIMEOUT (pid: {}): silent for {silence} ms; sending SIGABRT",
-                        worker.pid
-                    );
-                    send(worker.pid, Signal::SIGABRT);
-                    worker.aborted_at = Some(Instant::now());
-                    worker.cause = Some("timeout");
-                }
-                Some(at) if at.elapsed() > ABORT_GRACE => {
-                    log::error!(
-                        "Worker (pid: {}) ignored SIGABRT; sending SIGKILL",
-                        worker.pid
-                    );
-                    send(worker.pid, Signal::SIGKILL);
-                    worker.killed = true;
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Commits a pending reload once all its workers serve, or rolls it back when it overruns.
-    fn advance_reload(&mut self) {
-        let Some(reload) = &self.reload else { return };
-        let booted = self
-            .workers
-            .values()
-            .filter(|w| w.generation == reload.generation && w.booted)
-            .count();
-        if booted >= reload.config.workers {
-            self.commit_reload();
-        } else if reload.started.elapsed() > reload.config.timeout.max(Duration::from_secs(1)) {
-            let message = format!(
-                "new workers did not boot within timeout ({:?})",
-                reload.config.timeout
-            );
-            self.abort_reload(&message);
-        }
-    }
-
-    /// Marks workers that reached `max_requests` or `max_worker_memory` for replacement.
-    fn mark_recycling(&mut self) {
-        let max_mib = self.config.max_worker_memory_mib;
-        for worker in self.workers.values_mut() {
-            if worker.generation != self.generation
-                || worker.retiring_since.is_some()
-                || worker.recycle.is_some()
-            {
-                continue;
-            }
-            let served = self.scoreboard.slot(worker.slot).requests();
-            if worker.request_limit > 0 && served >= worker.request_limit {
-                log::info!(
-                    "Worker (pid: {}) served {served} requests (max_requests); recycling",
-                    worker.pid
-                );
-                worker.recycle = Some(RecycleCause::MaxRequests);
-            } else if max_mib > 0 {
-                // Stamped by the worker's own heartbeat: no /proc read here.
-                let rss = self
-                    .scoreboard
-                    .slot(worker.slot)
-                    .rss_kib
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    / 1024;
-                if rss > max_mib {
-                    log::info!(
-                        "Worker (pid: {}) uses {rss} MiB > max_worker_memory {max_mib}; recycling",
-                        worker.pid
-                    );
-                    worker.recycle = Some(RecycleCause::Memory);
-                }
-            }
-        }
-    }
-
-    /// Tops the serving generation up to `target`, or retires the oldest beyond it.
-    fn manage_workers(&mut self) {
-        let active = self.active_workers();
-        if active.len() > self.target {
-            let excess = active.len() - self.target;
-            for pid in active.into_iter().take(excess) {
-                self.retire(pid, "above the target worker count", Some("scale_down"));
-            }
-            return;
-        }
-        let missing = self.target - active.len();
-        if missing == 0 || !self.backoff.allows_spawn() {
-            return;
-        }
-        // In a crash loop, one at a time; otherwise all at once.
-        let count = if self.backoff.failures > 0 {
-            1
-        } else {
-            missing
-        };
-        let config = Arc::clone(&self.config);
-        for _ in 0..count {
-            if let Err(e) = self.spawn(self.generation, &config, false) {
-                log::error!("{e}");
-                self.backoff.record_failure();
-                return;
-            }
-        }
-    }
-
-    /// Retires recycled workers, oldest first, only while the booted workers that would remain
-    /// still number at least `target`: capacity never dips below it.
-    fn retire_replaced_workers(&mut self) {
-        let mut serving: Vec<&Worker> = self
-            .workers
-            .values()
-            .filter(|w| w.generation == self.generation && w.booted && w.retiring_since.is_none())
-            .collect();
-        serving.sort_by_key(|w| w.spawned);
-        let mut capacity = serving.len();
-        let mut to_retire = Vec::new();
-        for worker in serving.iter().filter(|w| w.recycle.is_some()) {
-            if capacity <= self.target {
-                break;
-            }
-            let cause = match worker.recycle {
-                Some(RecycleCause::Memory) => "memory",
-                _ => "max_requests",
             };
-            to_retire.push((worker.pid, cause));
-            capacity -= 1;
-        }
-        for (pid, cause) in to_retire {
-            self.retire(pid, "its replacement is serving", Some(cause));
-        }
-    }
-
-    fn note_first_generation_booted(&mut self) {
-        if self.phase != Phase::Booting {
-            return;
-        }
-        let booted = self
-            .workers
-            .values()
-            .filter(|w| w.generation == self.generation && w.booted)
-            .count();
-        if booted >= self.target {
-            self.phase = Phase::Running;
-            log::info!(
-                "All {booted} workers of generation {} are serving",
-                self.generation
-            );
-            self.notify.ready(&self.status_line());
-            if let Some(old) = self.upgraded_from.take() {
-                log::info!("Upgrade complete: this master serves; telling the old master (pid {old}) to stop");
-                self.notify.main_pid(std::process::id());
-                send(old, Signal::SIGTERM);
-            }
+            let (was_ready, boot_error) = match self.slots.remove(&pid) {
+                Some(index) => {
+                    let slot = self.scoreboard.slot(index);
+                    let seen = (
+                        matches!(slot.state(), SlotState::Ready | SlotState::Draining),
+                        slot.boot_error(),
+                    );
+                    self.scoreboard.retire_slot(index);
+                    seen
+                }
+                None => (false, None),
+            };
+            self.feed(Event::Exited {
+                pid,
+                status,
+                was_ready,
+                boot_error,
+            });
         }
     }
 
-    /// USR2: rename the pidfile to `.oldbin`, hand the unix socket files over, exec the binary.
-    fn start_upgrade(&mut self) {
-        if let Some(new_master) = &self.upgrade {
-            log::warn!(
-                "An upgrade (new master pid {}) is already in progress",
-                new_master.pid
-            );
-            return;
-        }
-        if let Some(pidfile) = &mut self.pidfile {
-            let oldbin = upgrade::oldbin_path(pidfile.path());
-            if let Err(e) = pidfile.rename(&oldbin) {
-                log::error!(
-                    "Upgrade not started: cannot rename the pidfile to {}: {e}",
-                    oldbin.display()
-                );
-                return;
-            }
-        }
-        self.listeners.set_owns_paths(false);
-        let activated = self.listeners.activated;
-        match upgrade::exec_new_master(&self.exe, &self.listeners.fds(), activated) {
-            Ok(new_master) => {
-                log::info!(
-                    "Upgrading: started new master {} ({})",
-                    new_master.pid,
-                    self.exe.path.display()
-                );
-                self.upgrade = Some(new_master);
-            }
-            Err(e) => {
-                log::error!("Upgrade failed: {e}");
-                self.abort_upgrade();
-            }
-        }
-    }
-
-    /// Takes back the pidfile and the unix socket files after a failed upgrade.
-    fn abort_upgrade(&mut self) {
-        self.listeners.set_owns_paths(true);
-        if let (Some(pidfile), Some(path)) = (&mut self.pidfile, self.config.pidfile.clone()) {
-            if let Err(e) = pidfile.rename(&path) {
-                log::error!("cannot restore the pidfile {}: {e}", path.display());
-            }
-        }
-    }
-
-    // ----- actions -------------------------------------------------------------------------
-
-    /// Pids of the serving generation that count towards the target, oldest first.
-    fn active_workers(&self) -> Vec<Pid> {
-        let mut active: Vec<&Worker> = self
-            .workers
-            .values()
-            .filter(|w| {
-                w.generation == self.generation && w.retiring_since.is_none() && w.recycle.is_none()
+    /// What every live worker's slot says now.
+    fn sample_workers(&self) -> Vec<Sample> {
+        let now_ms = monotonic_ms();
+        self.slots
+            .iter()
+            .map(|(pid, index)| {
+                let slot = self.scoreboard.slot(*index);
+                Sample {
+                    pid: *pid,
+                    ready: matches!(slot.state(), SlotState::Ready | SlotState::Draining),
+                    silence: Duration::from_millis(slot.silence_ms(now_ms)),
+                    requests: slot.requests(),
+                    // Stamped by the worker's own heartbeat: no /proc read here.
+                    rss_mib: slot.rss_kib.load(std::sync::atomic::Ordering::Relaxed) / 1024,
+                }
             })
-            .collect();
-        active.sort_by_key(|w| w.spawned);
-        active.into_iter().map(|w| w.pid).collect()
+            .collect()
     }
 
-    fn spawn(
-        &mut self,
-        generation: u64,
-        config: &Arc<Config>,
-        for_reload: bool,
-    ) -> Result<Pid, MasterError> {
+    // ----- commands ------------------------------------------------------------------------
+
+    /// Carries out one command; a spawn or a config load returns the event that answers it.
+    fn execute(&mut self, command: Command) -> Option<Event> {
+        match command {
+            Command::Spawn { generation, seat } => Some(match self.spawn(generation) {
+                Ok(pid) => Event::Spawned {
+                    pid,
+                    generation,
+                    seat,
+                },
+                Err(e) => Event::SpawnFailed {
+                    generation,
+                    seat,
+                    error: e.to_string(),
+                },
+            }),
+            Command::Signal { pid, signal } => {
+                send(pid, signal);
+                None
+            }
+            Command::LoadConfig => {
+                self.reload_waiting.add_recorded();
+                Some(self.load_config())
+            }
+            Command::DeclineReload => {
+                reload_reply::decline_recorded();
+                None
+            }
+            Command::AdoptGeneration { generation } => {
+                if let Some(staged) = self.staged.take() {
+                    for address in staged.listeners.describe() {
+                        log::info!("Listening at: {address} ({})", std::process::id());
+                    }
+                    self.generations.insert(generation, staged);
+                }
+                None
+            }
+            Command::CommitGeneration {
+                generation,
+                previous,
+            } => {
+                if let (Some(mut new), Some(mut old)) = (
+                    self.generations.remove(&generation),
+                    self.generations.remove(&previous),
+                ) {
+                    new.listeners.take_path_ownership_from(&mut old.listeners);
+                    // Dropping `old` closes the master's copies; addresses that stay open were
+                    // duplicated into the new set, and unix paths no longer bound are removed.
+                    drop(old);
+                    self.generations.insert(generation, new);
+                }
+                None
+            }
+            Command::DropGeneration { generation } => {
+                self.generations.remove(&generation);
+                None
+            }
+            Command::CloseListeners => {
+                // Stopping: a reload still waited for will not happen.
+                self.reload_waiting.answer(reload_reply::NOT_NOW);
+                for resources in self.generations.values_mut() {
+                    resources.listeners = Listeners::default();
+                }
+                None
+            }
+            Command::StartUpgrade => self.start_upgrade(),
+            Command::AbortUpgrade => {
+                self.abort_upgrade();
+                None
+            }
+            Command::ReopenLogs => {
+                if let Err(e) = crate::logging::reopen_error_log() {
+                    log::error!("cannot reopen the error log: {e}");
+                }
+                None
+            }
+            Command::CountRestart(cause) => {
+                self.scoreboard.header().count_restart(cause.label());
+                None
+            }
+            Command::FinishReload {
+                ok,
+                generation,
+                status,
+            } => {
+                self.scoreboard.header().note_reload(ok);
+                self.scoreboard.header().set_generation(generation);
+                self.notify.ready(&status);
+                self.reload_waiting.answer(if ok {
+                    generation as isize
+                } else {
+                    reload_reply::FAILED
+                });
+                None
+            }
+            Command::NotifyReady { status } => {
+                self.notify.ready(&status);
+                None
+            }
+            Command::NotifyStopping => {
+                self.notify.stopping();
+                None
+            }
+            Command::NotifyMainPid => {
+                self.notify.main_pid(std::process::id());
+                None
+            }
+            Command::Log { level, message } => {
+                log::log!(level, "{message}");
+                None
+            }
+            Command::Exit => {
+                self.outcome = Some(Ok(()));
+                None
+            }
+            Command::Halt { pid, reason } => {
+                self.kill_all_and_wait();
+                self.outcome = Some(Err(MasterError::BootFailed {
+                    pid: pid.as_raw(),
+                    reason,
+                }));
+                None
+            }
+        }
+    }
+
+    /// HUP: re-read the config and open its listeners beside the serving ones.
+    fn load_config(&mut self) -> Event {
+        self.notify.reloading();
+        let config = match config::load(&self.source) {
+            Ok(config) => config,
+            Err(e) => {
+                return Event::ReloadRejected {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        let current = self.generations.get(&self.pool.serving().number);
+        match Listeners::open(&config, current.map(|r| &r.listeners)) {
+            Ok(listeners) => {
+                let spec = Spec::from(&config);
+                self.staged = Some(Resources {
+                    config: Arc::new(config),
+                    listeners,
+                });
+                Event::ReloadLoaded { spec }
+            }
+            Err(e) => Event::ReloadRejected {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn spawn(&mut self, generation: u64) -> Result<Pid, MasterError> {
         let slot = self
             .scoreboard
             .free_slot()
             .ok_or(MasterError::ScoreboardFull(SCOREBOARD_SLOTS))?;
-        let (listeners, foreign) = match (&self.reload, for_reload) {
-            (Some(reload), true) => (&reload.listeners, &self.listeners),
-            (Some(reload), false) => (&self.listeners, &reload.listeners),
-            (None, _) => (&self.listeners, &self.listeners),
-        };
-        let (owned, listen_fds) = worker_fds(listeners, config.backlog)?;
-        let mut foreign_fds: Vec<RawFd> = foreign.fds();
+        let resources = self
+            .generations
+            .get(&generation)
+            .expect("the pool spawns only into generations it adopted");
+        let (owned, listen_fds) = worker_fds(&resources.listeners, resources.config.backlog)?;
+        let mut foreign_fds: Vec<RawFd> = self
+            .generations
+            .iter()
+            .filter(|(n, _)| **n != generation)
+            .flat_map(|(_, r)| r.listeners.fds())
+            .collect();
         foreign_fds.extend(self.notify.fd());
         foreign_fds.extend(
-            listeners
+            resources
+                .listeners
                 .fds()
                 .into_iter()
                 .filter(|fd| !listen_fds.contains(fd)),
@@ -729,239 +479,80 @@ impl Arbiter {
         let pid = spawn_worker(Spawn {
             slot,
             generation,
-            config,
+            config: &resources.config,
             listen_fds: &listen_fds,
             foreign_fds: &foreign_fds,
             scoreboard: &self.scoreboard,
             signals: &self.signals,
+            worker_main: self.worker_main,
         })
         .map_err(MasterError::Fork)?;
         drop(owned); // per-worker reuse-port sockets now live in the child only
         log::info!("Booting worker with pid: {pid} (generation {generation})");
-        let request_limit = self.request_limit(config);
-        self.workers.insert(
-            pid,
-            Worker {
-                pid,
-                slot,
-                generation,
-                spawned: Instant::now(),
-                request_limit,
-                booted: false,
-                recycle: None,
-                retiring_since: None,
-                aborted_at: None,
-                killed: false,
-                cause: None,
-            },
-        );
+        self.slots.insert(pid, slot);
         Ok(pid)
     }
 
-    fn request_limit(&mut self, config: &Config) -> u64 {
-        if config.max_requests == 0 {
-            return 0;
+    /// USR2: rename the pidfile to `.oldbin`, hand the unix socket files over, exec the binary.
+    fn start_upgrade(&mut self) -> Option<Event> {
+        if let Some(pidfile) = &mut self.pidfile {
+            let oldbin = upgrade::oldbin_path(pidfile.path());
+            if let Err(e) = pidfile.rename(&oldbin) {
+                log::error!(
+                    "Upgrade not started: cannot rename the pidfile to {}: {e}",
+                    oldbin.display()
+                );
+                return None;
+            }
         }
-        // xorshift: jitter needs spread, not cryptographic quality.
-        self.jitter_seed ^= self.jitter_seed << 13;
-        self.jitter_seed ^= self.jitter_seed >> 7;
-        self.jitter_seed ^= self.jitter_seed << 17;
-        config.max_requests + self.jitter_seed % (config.max_requests_jitter + 1)
-    }
-
-    /// Tells one worker to finish its in-flight requests and exit.
-    fn retire(&mut self, pid: Pid, why: &str, cause: Option<&'static str>) {
-        if let Some(worker) = self.workers.get_mut(&pid) {
-            if worker.retiring_since.is_none() {
-                worker.cause = cause;
+        let serving = self.pool.serving().number;
+        let (fds, activated) = match self.generations.get_mut(&serving) {
+            Some(resources) => {
+                resources.listeners.set_owns_paths(false);
+                (resources.listeners.fds(), resources.listeners.activated)
+            }
+            None => (Vec::new(), false),
+        };
+        match upgrade::exec_new_master(&self.exe, &fds, activated) {
+            Ok(new_master) => {
                 log::info!(
-                    "Retiring worker (pid: {pid}, generation {}): {why}",
-                    worker.generation
+                    "Upgrading: started new master {} ({})",
+                    new_master.pid,
+                    self.exe.path.display()
                 );
-                worker.retiring_since = Some(Instant::now());
-                send(pid, Signal::SIGTERM);
+                let pid = new_master.pid;
+                self.upgrade = Some(new_master);
+                Some(Event::UpgradeStarted { pid })
             }
-        }
-    }
-
-    fn signal_workers(&self, signal: Signal, which: impl Fn(&Worker) -> bool) {
-        for worker in self.workers.values().filter(|w| which(w)) {
-            send(worker.pid, signal);
-        }
-    }
-
-    /// One line for `systemctl status`.
-    fn status_line(&self) -> String {
-        let serving = self
-            .workers
-            .values()
-            .filter(|w| w.generation == self.generation && w.booted)
-            .count();
-        format!(
-            "{serving} workers serving, generation {}, last reload: {}",
-            self.generation, self.last_reload
-        )
-    }
-
-    /// Records how a reload ended and tells systemd the reload is over (READY=1).
-    fn finish_reload(&mut self, outcome: String) {
-        let ok = outcome.starts_with("ok");
-        self.scoreboard.header().note_reload(ok);
-        self.scoreboard.header().set_generation(self.generation);
-        self.last_reload = outcome;
-        self.notify.ready(&self.status_line());
-        let answer = if ok {
-            self.generation as isize
-        } else {
-            reload_reply::FAILED
-        };
-        self.reload_waiting.answer(answer);
-    }
-
-    /// HUP: validate the config; if good, start a new generation beside the serving one.
-    fn reload(&mut self) {
-        self.reload_waiting.add_recorded();
-        self.notify.reloading();
-        let config = match config::load(&self.source) {
-            Ok(config) => Arc::new(config),
             Err(e) => {
-                log::error!("Reload rejected, the running workers are untouched: {e}");
-                self.finish_reload(format!("rejected ({e})"));
-                return;
-            }
-        };
-        if self.reload.is_some() {
-            self.abort_reload("superseded by a newer reload");
-        }
-        let listeners = match Listeners::open(&config, Some(&self.listeners)) {
-            Ok(listeners) => listeners,
-            Err(e) => {
-                log::error!("Reload rejected, the running workers are untouched: {e}");
-                self.finish_reload(format!("rejected ({e})"));
-                return;
-            }
-        };
-        self.last_generation += 1;
-        let generation = self.last_generation;
-        log::info!(
-            "Reloading: starting generation {generation} with {} workers",
-            config.workers
-        );
-        for address in listeners.describe() {
-            log::info!("Listening at: {address} ({})", std::process::id());
-        }
-        self.reload = Some(Reload {
-            config: Arc::clone(&config),
-            generation,
-            listeners,
-            started: Instant::now(),
-        });
-        for _ in 0..config.workers {
-            if let Err(e) = self.spawn(generation, &config, true) {
-                self.abort_reload(&e.to_string());
-                return;
+                log::error!("Upgrade failed: {e}");
+                self.abort_upgrade();
+                None
             }
         }
     }
 
-    /// The new generation serves: it becomes current, and the old one retires gracefully.
-    fn commit_reload(&mut self) {
-        let Some(mut reload) = self.reload.take() else {
+    /// Takes back the pidfile and the unix socket files after a failed upgrade.
+    fn abort_upgrade(&mut self) {
+        let serving = self.pool.serving().number;
+        let Some(resources) = self.generations.get_mut(&serving) else {
             return;
         };
-        reload
-            .listeners
-            .take_path_ownership_from(&mut self.listeners);
-        // Dropping the old listeners closes the master's copies; addresses that stay open were
-        // duplicated into the new set, and unix paths no longer bound are removed.
-        self.listeners = reload.listeners;
-        self.config = reload.config;
-        self.generation = reload.generation;
-        self.target = self.config.workers;
-        let old: Vec<Pid> = self
-            .workers
-            .values()
-            .filter(|w| w.generation < self.generation)
-            .map(|w| w.pid)
-            .collect();
-        for pid in old {
-            self.retire(pid, "replaced by a reload", Some("reload"));
-        }
-        log::info!("Reload complete: generation {} is serving", self.generation);
-        self.finish_reload(format!("ok (generation {})", self.generation));
-    }
-
-    /// Rolls back a pending reload: its workers stop, its new listeners close, nothing else changes.
-    fn abort_reload(&mut self, reason: &str) {
-        let Some(reload) = self.reload.take() else {
-            return;
-        };
-        let doomed: Vec<Pid> = self
-            .workers
-            .values()
-            .filter(|w| w.generation == reload.generation)
-            .map(|w| w.pid)
-            .collect();
-        for pid in doomed {
-            self.retire(pid, "its reload was rolled back", None);
-        }
-        log::error!(
-            "Reload to generation {} failed: {reason}; generation {} keeps serving",
-            reload.generation,
-            self.generation
-        );
-        if !reason.starts_with("superseded") {
-            self.finish_reload(format!("failed ({reason})"));
-        }
-    }
-
-    /// TERM/QUIT (graceful) or INT (quick): close the listeners and tell every worker.
-    fn stop(&mut self, quick: bool) {
-        let (phase, signal, grace) = if quick {
-            (Phase::Halting, Signal::SIGINT, QUICK_STOP_GRACE)
-        } else {
-            (
-                Phase::Draining,
-                Signal::SIGTERM,
-                self.config.graceful_timeout + RETIRE_GRACE,
-            )
-        };
-        if let Some(successor) = &self.upgrade {
-            // Stopped by our successor after an upgrade: the service is not stopping, so no
-            // STOPPING=1 (systemd already follows the new MAINPID).
-            log::info!("Handing over to the new master (pid {})", successor.pid);
-        } else if !matches!(self.phase, Phase::Draining | Phase::Halting) {
-            self.notify.stopping();
-        }
-        self.phase = phase;
-        self.stop_deadline = Some(Instant::now() + grace);
-        self.reload = None;
-        self.reload_waiting.answer(reload_reply::NOT_NOW);
-        // Closing our copies (and removing unix socket files) stops new connections from being
-        // queued once the workers have drained what is already in the backlog.
-        self.listeners = Listeners::default();
-        self.signal_workers(signal, |w| !w.killed);
-    }
-
-    fn escalate_stop(&mut self) {
-        if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
-            for worker in self.workers.values_mut().filter(|w| !w.killed) {
-                log::warn!(
-                    "Worker (pid: {}) still running at the shutdown deadline; killing it",
-                    worker.pid
-                );
-                send(worker.pid, Signal::SIGKILL);
-                worker.killed = true;
+        resources.listeners.set_owns_paths(true);
+        if let (Some(pidfile), Some(path)) = (&mut self.pidfile, resources.config.pidfile.clone()) {
+            if let Err(e) = pidfile.rename(&path) {
+                log::error!("cannot restore the pidfile {}: {e}", path.display());
             }
         }
     }
 
     fn kill_all_and_wait(&mut self) {
-        for pid in self.workers.keys() {
+        for pid in self.slots.keys() {
             send(*pid, Signal::SIGKILL);
         }
-        for pid in std::mem::take(&mut self.workers).into_keys() {
+        for (pid, index) in std::mem::take(&mut self.slots) {
             let _ = waitpid(pid, None);
+            self.scoreboard.retire_slot(index);
         }
     }
 }
@@ -990,35 +581,6 @@ fn send(pid: Pid, signal: Signal) {
     if let Err(e) = kill(pid, signal) {
         if e != Errno::ESRCH {
             log::warn!("cannot send {signal} to {pid}: {e}");
-        }
-    }
-}
-
-/// How a worker ended.
-#[derive(Debug, Clone, Copy)]
-enum ExitKind {
-    Code(i32),
-    Signal(Signal),
-}
-
-impl ExitKind {
-    fn is_boot_failure(self) -> bool {
-        matches!(self, ExitKind::Code(EXIT_BOOT_ERROR | EXIT_APP_LOAD_ERROR))
-    }
-}
-
-impl std::fmt::Display for ExitKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitKind::Code(0) => write!(f, "exited normally"),
-            ExitKind::Code(EXIT_BOOT_ERROR) => {
-                write!(f, "exit code {EXIT_BOOT_ERROR} (boot error)")
-            }
-            ExitKind::Code(EXIT_APP_LOAD_ERROR) => {
-                write!(f, "exit code {EXIT_APP_LOAD_ERROR} (app load error)")
-            }
-            ExitKind::Code(code) => write!(f, "exit code {code}"),
-            ExitKind::Signal(sig) => write!(f, "killed by {sig}"),
         }
     }
 }

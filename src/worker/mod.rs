@@ -1,7 +1,8 @@
 //! A worker process: one tokio `current_thread` runtime serving HTTP/1.1 on inherited listeners.
 //!
-//! Entered only from [`crate::master`]'s fork, after the child has shed the master's signal
-//! actions and foreign fds. Boot, in order: stamp the heartbeat; open the access log; build the
+//! Entered only from [`crate::master`]'s fork (the binary hands [`run`] to the master as its
+//! worker entry point), after the child has shed the master's signal actions and foreign fds
+//! and dropped privileges. Boot, in order: stamp the heartbeat; open the access log; build the
 //! runtime; take the listeners into it; load the app (clients and stores are created here, after
 //! fork, never inherited); mark the slot `Ready`. A failure before `Ready` is written into the
 //! slot and reported by exit code ([`EXIT_BOOT_ERROR`], [`EXIT_APP_LOAD_ERROR`]), so the master
@@ -20,10 +21,10 @@ use crate::http::access_log::AccessLog;
 use crate::http::App;
 use crate::scoreboard::{Scoreboard, Slot, SlotState};
 
-/// Exit code: the worker could not set itself up (runtime, listeners, logs). Gunicorn's 3.
-pub const EXIT_BOOT_ERROR: i32 = 3;
-/// Exit code: the app could not be loaded (store, config of the app). Gunicorn's 4.
-pub const EXIT_APP_LOAD_ERROR: i32 = 4;
+/// The exit codes the master reads as boot failures: the worker could not set itself up
+/// (runtime, listeners, logs: Gunicorn's 3), or the app could not be loaded (store, config of
+/// the app: Gunicorn's 4). They are the master's protocol, so they are defined there.
+pub use crate::master::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 
 /// What the master gives a freshly forked worker.
 pub struct WorkerBoot {
@@ -49,11 +50,6 @@ pub fn run(boot: WorkerBoot) -> i32 {
         code
     };
 
-    if let Some(run_as) = &boot.config.run_as {
-        if let Err(message) = drop_privileges(run_as) {
-            return fail(EXIT_BOOT_ERROR, message);
-        }
-    }
     let access_log = match AccessLog::open(boot.config.accesslog.as_ref()) {
         Ok(log) => log,
         Err(e) => return fail(EXIT_BOOT_ERROR, e.to_string()),
@@ -112,41 +108,4 @@ pub fn run(boot: WorkerBoot) -> i32 {
         server::serve(listeners, shared, stop).await;
         0
     })
-}
-
-/// setgroups/initgroups, setgid, setuid — then make sure root is really gone.
-fn drop_privileges(run_as: &crate::config::process::RunAs) -> Result<(), String> {
-    use nix::unistd::{getegid, geteuid, getuid, initgroups, setgid, setuid};
-    if getuid() == run_as.uid && geteuid() == run_as.uid {
-        return Ok(()); // already that user (the master was started as it)
-    }
-    if !geteuid().is_root() {
-        return Err(format!(
-            "cannot switch to user {}: the master is not running as root (start it as root, or remove `user`)",
-            run_as.user
-        ));
-    }
-    let name =
-        std::ffi::CString::new(run_as.user.as_str()).map_err(|_| "bad user name".to_string())?;
-    initgroups(&name, run_as.gid).map_err(|e| format!("initgroups for {}: {e}", run_as.user))?;
-    setgid(run_as.gid).map_err(|e| format!("setgid {}: {e}", run_as.gid))?;
-    setuid(run_as.uid).map_err(|e| format!("setuid {}: {e}", run_as.uid))?;
-    // Refuse to serve as root when a user was asked for and the switch did not stick.
-    if !run_as.uid.is_root()
-        && (geteuid().is_root()
-            || getuid().is_root()
-            || nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok())
-    {
-        return Err(format!(
-            "dropping privileges to {} did not take effect; refusing to run as root",
-            run_as.user
-        ));
-    }
-    log::debug!(
-        "worker runs as {} (uid {}, gid {})",
-        run_as.user,
-        run_as.uid,
-        getegid()
-    );
-    Ok(())
 }
