@@ -1,16 +1,24 @@
 //! `ragpool status`: asks a running pool for `/status` over its own listening address and
 //! renders the answer as a table for the terminal.
+//!
+//! The request is made with hyper's HTTP/1.1 client on a `current_thread` runtime built for
+//! this one command: `ragpool status` is its own short-lived process, never the master.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::header::HOST;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{BindAddr, Config};
 
+/// For connecting and for the whole exchange, per address.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +29,12 @@ pub enum StatusError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{addr} does not speak HTTP/1.1 as ragpool does: {source}")]
+    Http {
+        addr: String,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("{addr} answered {status}: {body}")]
     Refused {
         addr: String,
@@ -29,73 +43,109 @@ pub enum StatusError {
     },
     #[error("{addr} sent something that is not a ragpool status: {reason}")]
     Malformed { addr: String, reason: String },
+    #[error("cannot start the client runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Fetches `/status` from the first `bind` address that answers.
 pub fn fetch(config: &Config) -> Result<Value, StatusError> {
-    let mut last = None;
-    for addr in &config.bind {
-        match fetch_from(addr) {
-            Ok(value) => return Ok(value),
-            Err(e) => last = Some(e),
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StatusError::Runtime)?;
+    runtime.block_on(async {
+        let mut last = None;
+        for addr in &config.bind {
+            match fetch_from(addr).await {
+                Ok(value) => return Ok(value),
+                Err(e) => last = Some(e),
+            }
         }
-    }
-    Err(last.unwrap_or_else(|| StatusError::Malformed {
-        addr: "-".into(),
-        reason: "no bind address".into(),
-    }))
+        Err(last.unwrap_or_else(|| StatusError::Malformed {
+            addr: "-".into(),
+            reason: "no bind address".into(),
+        }))
+    })
 }
 
-fn fetch_from(addr: &BindAddr) -> Result<Value, StatusError> {
+/// What went wrong on one connection, before it is named after the address.
+enum Failure {
+    Io(std::io::Error),
+    Http(hyper::Error),
+}
+
+async fn fetch_from(addr: &BindAddr) -> Result<Value, StatusError> {
     let shown = addr.to_string();
-    let connect_error = |source| StatusError::Connect {
-        addr: shown.clone(),
-        source,
-    };
-    let request = b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    let mut raw = Vec::new();
-    match addr {
-        BindAddr::Tcp(sock) => {
-            let mut stream =
-                TcpStream::connect_timeout(&reachable(*sock), TIMEOUT).map_err(connect_error)?;
-            stream
-                .set_read_timeout(Some(TIMEOUT))
-                .map_err(connect_error)?;
-            stream.write_all(request).map_err(connect_error)?;
-            stream.read_to_end(&mut raw).map_err(connect_error)?;
+    let exchange = async {
+        match addr {
+            BindAddr::Tcp(sock) => {
+                let stream = TcpStream::connect(reachable(*sock))
+                    .await
+                    .map_err(Failure::Io)?;
+                get_status(stream).await
+            }
+            BindAddr::Unix(path) => {
+                let stream = UnixStream::connect(path).await.map_err(Failure::Io)?;
+                get_status(stream).await
+            }
         }
-        BindAddr::Unix(path) => {
-            let mut stream = UnixStream::connect(path).map_err(connect_error)?;
-            stream
-                .set_read_timeout(Some(TIMEOUT))
-                .map_err(connect_error)?;
-            stream.write_all(request).map_err(connect_error)?;
-            stream.read_to_end(&mut raw).map_err(connect_error)?;
-        }
-    }
-    let malformed = |reason: &str| StatusError::Malformed {
-        addr: shown.clone(),
-        reason: reason.into(),
     };
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| malformed("no HTTP head"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| malformed("no status"))?;
-    let body = String::from_utf8_lossy(&raw[split + 4..]).into_owned();
+    let answer = match tokio::time::timeout(TIMEOUT, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Failure::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} s", TIMEOUT.as_secs()),
+        ))),
+    };
+    let (status, body) = answer.map_err(|failure| match failure {
+        Failure::Io(source) => StatusError::Connect {
+            addr: shown.clone(),
+            source,
+        },
+        Failure::Http(source) => StatusError::Http {
+            addr: shown.clone(),
+            source,
+        },
+    })?;
     if status != 200 {
         return Err(StatusError::Refused {
             addr: shown,
             status,
-            body,
+            body: String::from_utf8_lossy(&body).into_owned(),
         });
     }
-    serde_json::from_str(&body).map_err(|e| malformed(&e.to_string()))
+    serde_json::from_slice(&body).map_err(|e| StatusError::Malformed {
+        addr: shown,
+        reason: e.to_string(),
+    })
+}
+
+/// `GET /status` on one connection: its status code and whole body.
+async fn get_status<S>(stream: S) -> Result<(u16, Bytes), Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(Failure::Http)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            log::debug!("status connection: {e}");
+        }
+    });
+    let request = Request::get("/status")
+        .header(HOST, "localhost")
+        .body(Empty::<Bytes>::new())
+        .expect("a static request is valid");
+    let response = sender.send_request(request).await.map_err(Failure::Http)?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(Failure::Http)?
+        .to_bytes();
+    Ok((status, body))
 }
 
 /// A wildcard bind is reached on the loopback address of its family.

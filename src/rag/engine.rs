@@ -135,9 +135,9 @@ pub struct Rag {
     /// The pool-wide cap on concurrent generations, when the caller set one.
     gate: Option<Box<dyn GenerationGate>>,
     /// The last store count for /health: when, and what it said.
-    store_probe: RefCell<Option<(Instant, Result<StoreStats, String>)>>,
+    store_probe: TtlCache<Result<StoreStats, String>>,
     /// The last LLM probe: when, and whether it answered.
-    llm_probe: RefCell<Option<(Instant, Result<(), String>)>>,
+    llm_probe: TtlCache<Result<(), String>>,
 }
 
 impl Rag {
@@ -162,8 +162,8 @@ impl Rag {
                 Provider::OpenAi => "openai",
                 Provider::None => "none",
             },
-            llm_probe: RefCell::new(None),
-            store_probe: RefCell::new(None),
+            llm_probe: TtlCache::new(LLM_STATUS_TTL),
+            store_probe: TtlCache::new(STORE_STATUS_TTL),
             gate: None,
         })
     }
@@ -442,24 +442,15 @@ impl Rag {
     // ----- health --------------------------------------------------------------------------
 
     fn note_llm(&self, result: Result<(), String>) {
-        *self.llm_probe.borrow_mut() = Some((Instant::now(), result));
+        self.llm_probe.put(result);
     }
 
     pub async fn health(&self) -> Health {
         // Monitoring polls /health often: count the store at most once per STORE_STATUS_TTL.
-        let cached = self
+        let counted = self
             .store_probe
-            .borrow()
-            .clone()
-            .filter(|(at, _)| at.elapsed() < STORE_STATUS_TTL);
-        let counted = match cached {
-            Some((_, result)) => result,
-            None => {
-                let result = self.store.stats().await.map_err(|e| e.to_string());
-                *self.store_probe.borrow_mut() = Some((Instant::now(), result.clone()));
-                result
-            }
-        };
+            .get_or_refresh(|| async { self.store.stats().await.map_err(|e| e.to_string()) })
+            .await;
         let (store, stats) = match counted {
             Ok(stats) => (
                 ComponentHealth {
@@ -482,19 +473,10 @@ impl Rag {
                 detail: Some("no LLM configured: answers are extractive".into()),
             },
             Some(generator) => {
-                let cached = self
+                let result = self
                     .llm_probe
-                    .borrow()
-                    .clone()
-                    .filter(|(at, _)| at.elapsed() < LLM_STATUS_TTL);
-                let result = match cached {
-                    Some((_, result)) => result,
-                    None => {
-                        let result = generator.ping().await.map_err(|e| e.to_string());
-                        self.note_llm(result.clone());
-                        result
-                    }
-                };
+                    .get_or_refresh(|| async { generator.ping().await.map_err(|e| e.to_string()) })
+                    .await;
                 match result {
                     Ok(()) => ComponentHealth {
                         status: "ok",
@@ -518,6 +500,46 @@ impl Rag {
             llm,
             embed,
         }
+    }
+}
+
+/// A value reused for `ttl` after it was taken, so frequent `/health` polls do not each reach
+/// the store or the LLM. One process, one thread: a `RefCell`, never borrowed across an await.
+struct TtlCache<T> {
+    ttl: Duration,
+    last: RefCell<Option<(Instant, T)>>,
+}
+
+impl<T: Clone> TtlCache<T> {
+    fn new(ttl: Duration) -> TtlCache<T> {
+        TtlCache {
+            ttl,
+            last: RefCell::new(None),
+        }
+    }
+
+    fn put(&self, value: T) {
+        *self.last.borrow_mut() = Some((Instant::now(), value));
+    }
+
+    fn fresh(&self) -> Option<T> {
+        let last = self.last.borrow();
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, value)| value.clone())
+    }
+
+    /// The cached value while fresh, else what `refresh` yields now (then cached).
+    async fn get_or_refresh<F: std::future::Future<Output = T>>(
+        &self,
+        refresh: impl FnOnce() -> F,
+    ) -> T {
+        if let Some(value) = self.fresh() {
+            return value;
+        }
+        let value = refresh().await;
+        self.put(value.clone());
+        value
     }
 }
 
@@ -594,11 +616,6 @@ fn snippet(text: &str) -> String {
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0
-}
-
-/// Whether an LLM is configured at all (for the page's labels).
-pub fn llm_configured(config: &Config) -> bool {
-    config.llm.provider != Provider::None
 }
 
 impl Rag {

@@ -1,5 +1,7 @@
 //! Test support: the real `ragpool` binary in a temp dir, raw HTTP over TCP and unix sockets,
 //! a bounded load generator, and condition waits with deadlines (never fixed sleeps).
+//! Readiness is the master's own `READY=1` on a test-owned `NOTIFY_SOCKET` (systemd's notify
+//! protocol), not a log line.
 
 #![allow(dead_code)]
 
@@ -12,9 +14,11 @@ pub mod qdrant;
 pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,6 +84,67 @@ pub struct Launch<'a> {
     pub no_file: bool,
 }
 
+/// A test-owned `NOTIFY_SOCKET`: the master's notify messages (`READY=1`, `RELOADING=1`, ...)
+/// are read as they arrive by a thread of its own (a full datagram queue would block the
+/// sender) and kept for [`NotifySocket::wait_for`].
+pub struct NotifySocket {
+    /// Holds the socket file; removed on drop.
+    _dir: tempfile::TempDir,
+    messages: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    /// The value for the `NOTIFY_SOCKET` environment variable.
+    pub path: String,
+}
+
+impl NotifySocket {
+    pub fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("notify socket timeout");
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, stopped) = (Arc::clone(&messages), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    sink.lock().unwrap().push(message);
+                }
+            }
+        });
+        NotifySocket {
+            _dir: dir,
+            messages,
+            stop,
+            path: path.display().to_string(),
+        }
+    }
+
+    /// Waits until a message so far contains `needle`, for at most `within`; whether one did.
+    pub fn wait_for(&self, needle: &str, within: Duration) -> bool {
+        wait_until(within, || {
+            self.messages
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m.contains(needle))
+        })
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How long a first generation may take to boot before a test gives up.
+const READY_BOUND: Duration = Duration::from_secs(20);
+
 /// A running `ragpool serve` in its own temp dir and process group; killed on drop.
 pub struct ServerProcess {
     child: Child,
@@ -87,18 +152,28 @@ pub struct ServerProcess {
     pub config_path: PathBuf,
     lines: Arc<Mutex<Vec<String>>>,
     exit: Option<ExitStatus>,
+    /// The `NOTIFY_SOCKET` readiness came from (kept open for the master's later messages).
+    notify: Option<NotifySocket>,
 }
 
 impl ServerProcess {
-    /// Starts `ragpool serve` with `config` as its workers.toml and waits until every worker of
-    /// the first generation serves.
+    /// Starts `ragpool serve` with `config` as its workers.toml and waits until the master says
+    /// `READY=1` (every worker of the first generation serves) on a test-owned notify socket.
     pub fn start(config: &str) -> ServerProcess {
-        let server = ServerProcess::spawn(config, &[]);
+        let notify = NotifySocket::new();
+        let mut server = ServerProcess::launch(
+            config,
+            Launch {
+                env: &[("NOTIFY_SOCKET", notify.path.as_str())],
+                ..Launch::default()
+            },
+        );
         assert!(
-            server.wait_for_log("are serving", Duration::from_secs(20)),
+            notify.wait_for("READY=1", READY_BOUND),
             "server did not become ready; log:\n{}",
             server.logs()
         );
+        server.notify = Some(notify);
         server
     }
 
@@ -158,6 +233,7 @@ impl ServerProcess {
             config_path,
             lines,
             exit: None,
+            notify: None,
         }
     }
 
@@ -169,8 +245,12 @@ impl ServerProcess {
         self.dir.path().join(name)
     }
 
-    /// The first TCP address the master reported listening on.
+    /// The first TCP address the master reported listening on (waiting a bounded while for
+    /// the line: the log pipe may lag behind the notify socket).
     pub fn addr(&self) -> String {
+        wait_until(Duration::from_secs(5), || {
+            !self.listening_addrs().is_empty()
+        });
         self.listening_addrs()
             .into_iter()
             .next()
