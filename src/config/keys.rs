@@ -534,4 +534,32 @@ mod tests {
             );
         }
     }
+
+    /// The operator's manual (docs/en, docs/ru: ingested, so the app answers from it) has a
+    /// row for every top-level key, and no row for a key that is not declared.
+    #[test]
+    fn the_manual_lists_every_top_level_key() {
+        for path in ["docs/en/configuration.md", "docs/ru/configuration.md"] {
+            let text =
+                std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            let mut listed = Vec::new();
+            for row in text.lines().filter(|l| l.starts_with("| `")) {
+                let first = row.split('|').nth(1).unwrap_or_default();
+                for name in first.split('`').skip(1).step_by(2) {
+                    assert!(
+                        find("", name).is_some(),
+                        "{path} lists `{name}`, which src/config/keys.rs does not declare"
+                    );
+                    listed.push(name);
+                }
+            }
+            for key in ALL.iter().filter(|k| k.table.is_empty()) {
+                assert!(
+                    listed.contains(&key.name),
+                    "{path} has no row for `{}` (declared in src/config/keys.rs)",
+                    key.name
+                );
+            }
+        }
+    }
 }

@@ -251,15 +251,12 @@ fn validate(v: Values, path: Option<PathBuf>) -> Result<Config, ConfigError> {
     }
 
     let mode = v.text(&UNIX_SOCKET_MODE);
-    let unix_socket_mode = u32::from_str_radix(mode.trim().trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| {
-            v.invalid(
-                &UNIX_SOCKET_MODE,
-                format!("\"{mode}\" is not an octal mode like \"0660\""),
-            )
-        })?;
+    let unix_socket_mode = process::octal(mode).ok_or_else(|| {
+        v.invalid(
+            &UNIX_SOCKET_MODE,
+            format!("\"{mode}\" is not an octal mode like \"0660\""),
+        )
+    })?;
 
     let field_error = |(name, message): process::FieldError| match keys::find("", name) {
         Some(key) => v.invalid(key, message),
@@ -268,8 +265,8 @@ fn validate(v: Values, path: Option<PathBuf>) -> Result<Config, ConfigError> {
     let run_as = process::run_as(v.optional(&USER), v.optional(&GROUP)).map_err(field_error)?;
     let umask = process::umask(v.optional(&UMASK)).map_err(field_error)?;
     let chdir = process::chdir(v.optional(&CHDIR)).map_err(field_error)?;
-    let forwarded_allow_ips = process::trusted_proxies(Some(v.list(&FORWARDED_ALLOW_IPS).to_vec()))
-        .map_err(field_error)?;
+    let forwarded_allow_ips =
+        process::trusted_proxies(v.list(&FORWARDED_ALLOW_IPS)).map_err(field_error)?;
     let log = |s: String| {
         if s == "-" {
             LogTarget::Std

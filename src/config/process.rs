@@ -78,18 +78,21 @@ pub fn run_as(user: Option<String>, group: Option<String>) -> Result<Option<RunA
     }))
 }
 
+/// An octal permission string (`"0027"`, `"0o660"`) -> its value, at most 0o777.
+pub fn octal(text: &str) -> Option<u32> {
+    u32::from_str_radix(text.trim().trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+}
+
 /// `umask = "0027"` -> 0o027.
 pub fn umask(raw: Option<String>) -> Result<Option<u32>, FieldError> {
     match raw.filter(|s| !s.trim().is_empty()) {
         None => Ok(None),
-        Some(text) => u32::from_str_radix(text.trim().trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .map(Some)
-            .ok_or((
-                "umask",
-                format!("\"{text}\" is not an octal mask like \"0027\""),
-            )),
+        Some(text) => octal(&text).map(Some).ok_or((
+            "umask",
+            format!("\"{text}\" is not an octal mask like \"0027\""),
+        )),
     }
 }
 
@@ -101,9 +104,9 @@ pub fn chdir(raw: Option<String>) -> Result<Option<PathBuf>, FieldError> {
     }
 }
 
-/// Gunicorn's `forwarded_allow_ips`: addresses, or `"*"`; default loopback only.
-pub fn trusted_proxies(raw: Option<Vec<String>>) -> Result<TrustedProxies, FieldError> {
-    let items = raw.unwrap_or_else(|| vec!["127.0.0.1".into(), "::1".into()]);
+/// Gunicorn's `forwarded_allow_ips`: addresses, or `"*"` (the default, loopback only, is
+/// declared in [`super::keys::FORWARDED_ALLOW_IPS`]).
+pub fn trusted_proxies(items: &[String]) -> Result<TrustedProxies, FieldError> {
     let items: Vec<String> = items
         .iter()
         .flat_map(|s| s.split(','))
@@ -152,19 +155,17 @@ mod tests {
 
     #[test]
     fn forwarded_allow_ips_forms() {
-        let default = trusted_proxies(None).unwrap();
+        let loopback = ["127.0.0.1".to_string(), "::1".to_string()];
+        let default = trusted_proxies(&loopback).unwrap();
         assert!(default.trusts("127.0.0.1".parse().unwrap()));
         assert!(default.trusts("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!default.trusts("10.0.0.1".parse().unwrap()));
-        assert_eq!(
-            trusted_proxies(Some(vec!["*".into()])).unwrap(),
-            TrustedProxies::All
-        );
-        assert!(trusted_proxies(Some(vec!["10.0.0.1, 10.0.0.2".into()]))
+        assert_eq!(trusted_proxies(&["*".into()]).unwrap(), TrustedProxies::All);
+        assert!(trusted_proxies(&["10.0.0.1, 10.0.0.2".into()])
             .unwrap()
             .trusts("10.0.0.2".parse().unwrap()));
-        assert!(trusted_proxies(Some(vec!["nope".into()])).is_err());
-        assert!(!trusted_proxies(Some(vec![]))
+        assert!(trusted_proxies(&["nope".into()]).is_err());
+        assert!(!trusted_proxies(&[])
             .unwrap()
             .trusts("127.0.0.1".parse().unwrap()));
     }
