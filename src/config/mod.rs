@@ -718,4 +718,17 @@ mod tests {
         let err = parse("[stor]\nbackend = \"qdrant\"\n").unwrap_err();
         assert!(err.to_string().contains("did you mean `store`"), "{err}");
     }
+
+    #[test]
+    fn a_syntax_error_is_one_line_with_its_line_number() {
+        let err = parse("workers = 2\nbind = [\"127.0.0.1:1\"\n\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("workers.toml:"), "{text}");
+        assert!(!text.contains('\n'), "{text:?}");
+        let err = parse("workers = 2\n[llm\nmodel = \"x\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "workers.toml:2: invalid table header; expected `.`, `]`"
+        );
+    }
 }

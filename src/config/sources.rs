@@ -139,7 +139,14 @@ pub fn apply_file(values: &mut Values, path: &Path, doc: &str) -> Result<(), Con
     };
     let parsed = toml_edit::ImDocument::parse(doc).map_err(|e| ConfigError::Syntax {
         origin: origin(e.span()),
-        message: e.message().trim().to_string(),
+        // The parser's message may span lines ("invalid string\nexpected `\"`"): one log line.
+        message: e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
     })?;
     let tables = keys::tables();
     let mut set = 0;
