@@ -100,6 +100,8 @@ pub struct MetricCells {
     stages: [Histogram; STAGES.len()],
     tokens: AtomicU64,
     upstream_errors: [AtomicU64; BACKENDS.len()],
+    /// Generated answers cut off at the token budget.
+    truncated: AtomicU64,
 }
 
 impl MetricCells {
@@ -118,6 +120,10 @@ impl MetricCells {
         self.tokens.fetch_add(n, Ordering::Relaxed);
     }
 
+    pub fn add_truncated(&self, n: u64) {
+        self.truncated.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn upstream_error(&self, backend: &str) {
         if let Some(i) = BACKENDS.iter().position(|b| *b == backend) {
             self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
@@ -133,6 +139,7 @@ impl MetricCells {
             .chain(self.stages.iter().flat_map(Histogram::cells))
             .chain(std::iter::once(&self.tokens))
             .chain(self.upstream_errors.iter())
+            .chain(std::iter::once(&self.truncated))
     }
 
     /// Master: adds these counters into `total` (a dead worker's into the pool's).
@@ -205,6 +212,12 @@ impl Snapshot {
         let start = REQUEST_CELLS + (ROUTES.len() + STAGES.len()) * HISTOGRAM_CELLS + 1;
         self.values.get(start + backend).copied().unwrap_or(0)
     }
+
+    pub fn truncated(&self) -> u64 {
+        let start =
+            REQUEST_CELLS + (ROUTES.len() + STAGES.len()) * HISTOGRAM_CELLS + 1 + BACKENDS.len();
+        self.values.get(start).copied().unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +242,7 @@ mod tests {
         worker.record_stage("generate", Duration::from_secs(2));
         worker.add_tokens(7);
         worker.upstream_error("ollama");
+        worker.add_truncated(1);
         let pool = zeroed();
         worker.fold_into(&pool);
         worker.fold_into(&pool);
@@ -253,6 +267,7 @@ mod tests {
         assert_eq!(snapshot.stage(2).0[9], 2, "2 s <= 2.5 s");
         assert_eq!(snapshot.tokens(), 14);
         assert_eq!(snapshot.upstream_errors(0), 2);
+        assert_eq!(snapshot.truncated(), 2);
     }
 
     #[test]

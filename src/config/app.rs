@@ -58,10 +58,37 @@ pub struct EmbedConfig {
     pub url: String,
     pub model: String,
     pub api_key: Option<String>,
-    /// Expected vector size; 0 = take it from the first response.
+    /// Expected vector size; 0 = take it from the first response. When set, it is also asked
+    /// of the server (`dimensions`), so a model that can shorten its vectors does.
     pub dimensions: usize,
     pub timeout: Duration,
+    /// Sent to Ollama with each request; `None` = the server's own default.
+    pub keep_alive: Option<KeepAlive>,
 }
+
+/// How long Ollama keeps a model loaded after a request (its `keep_alive`), so an idle
+/// model's reload does not land on the next question.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeepAlive {
+    /// Seconds; negative = keep it loaded.
+    Seconds(i64),
+    /// A Go duration as Ollama parses it: `"30m"`, `"1h30m"`, `"-1m"`.
+    Duration(String),
+}
+
+impl KeepAlive {
+    /// As Ollama reads it: a number of seconds or a duration string.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            KeepAlive::Seconds(s) => serde_json::Value::from(*s),
+            KeepAlive::Duration(d) => serde_json::Value::from(d.as_str()),
+        }
+    }
+}
+
+/// The default `keep_alive`: longer than Ollama's 5 minutes, so a model stays warm between
+/// the questions of a working day's quiet spells.
+pub const KEEP_ALIVE: &str = "30m";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlmConfig {
@@ -79,6 +106,11 @@ pub struct LlmConfig {
     /// Pool-wide cap on concurrent generations (0 = none), e.g. Ollama's OLLAMA_NUM_PARALLEL;
     /// the others wait in line and are told their place.
     pub max_concurrent: usize,
+    /// Whether a thinking model may think (Ollama's `think`). Off by default (`"think": false`
+    /// is sent, which models that cannot think accept too); on, the reasoning is streamed to
+    /// the page apart from the answer. Either way reasoning never counts as answer text.
+    pub think: bool,
+    pub keep_alive: Option<KeepAlive>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +136,50 @@ fn provider(v: &Values, key: &Key) -> Provider {
         "openai" => Provider::OpenAi,
         _ => Provider::None,
     }
+}
+
+/// `keep_alive`: `""` = not sent; a whole number = seconds (sent as a number, as Ollama reads
+/// `-1`); else a Go duration (`"30m"`, `"1h30m"`).
+fn keep_alive(v: &Values, key: &Key) -> Result<Option<KeepAlive>, ConfigError> {
+    let text = v.text(key).trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(seconds) = text.parse::<i64>() {
+        return Ok(Some(KeepAlive::Seconds(seconds)));
+    }
+    if is_go_duration(text) {
+        return Ok(Some(KeepAlive::Duration(text.to_string())));
+    }
+    Err(v.invalid(
+        key,
+        format!("\"{text}\" is not a duration like \"30m\" or \"1h\", nor seconds (\"-1\" = keep loaded)"),
+    ))
+}
+
+/// `-?(number unit)+` with Go's units (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`).
+fn is_go_duration(text: &str) -> bool {
+    let mut rest = text.strip_prefix('-').unwrap_or(text);
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if digits == 0 || rest[..digits].parse::<f64>().is_err() {
+            return false;
+        }
+        rest = &rest[digits..];
+        match ["ns", "us", "µs", "ms", "s", "m", "h"]
+            .iter()
+            .find(|u| rest.starts_with(**u))
+        {
+            Some(unit) => rest = &rest[unit.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 fn url(v: &Values, key: &Key) -> Result<String, ConfigError> {
@@ -140,6 +216,7 @@ pub(super) fn embed(v: &Values) -> Result<EmbedConfig, ConfigError> {
         api_key: v.optional(&EMBED_API_KEY),
         dimensions: v.int(&EMBED_DIMENSIONS) as usize,
         timeout: v.seconds(&EMBED_TIMEOUT),
+        keep_alive: keep_alive(v, &EMBED_KEEP_ALIVE)?,
     })
 }
 
@@ -155,6 +232,8 @@ pub(super) fn llm(v: &Values) -> Result<LlmConfig, ConfigError> {
         temperature: v.float(&LLM_TEMPERATURE),
         max_tokens: v.int(&LLM_MAX_TOKENS) as u32,
         max_concurrent: v.int(&LLM_MAX_CONCURRENT) as usize,
+        think: v.flag(&LLM_THINK),
+        keep_alive: keep_alive(v, &LLM_KEEP_ALIVE)?,
     })
 }
 
@@ -175,4 +254,42 @@ pub(super) fn rag(v: &Values) -> Result<RagConfig, ConfigError> {
         docs_dir: PathBuf::from(v.text_or_default(&RAG_DOCS_DIR)),
         ingest_docs_on_first_run: v.flag(&RAG_INGEST_DOCS_ON_FIRST_RUN),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(doc: &str) -> Result<crate::config::Config, ConfigError> {
+        crate::config::from_toml_str(doc, std::path::Path::new("workers.toml"))
+    }
+
+    #[test]
+    fn think_is_off_and_keep_alive_is_30m_unless_set() {
+        let c = parse("workers = 1\n").expect("valid");
+        assert!(!c.llm.think);
+        assert_eq!(c.llm.keep_alive, Some(KeepAlive::Duration("30m".into())));
+        assert_eq!(c.embed.keep_alive, Some(KeepAlive::Duration("30m".into())));
+        let c = parse("[llm]\nthink = true\nkeep_alive = \"-1\"\n[embed]\nkeep_alive = \"\"\n")
+            .expect("valid");
+        assert!(c.llm.think);
+        assert_eq!(c.llm.keep_alive, Some(KeepAlive::Seconds(-1)));
+        assert_eq!(c.embed.keep_alive, None);
+        let err = parse("[llm]\nkeep_alive = \"forever\"\n").expect_err("not a duration");
+        let text = err.to_string();
+        assert!(
+            text.contains("workers.toml:2") && text.contains("keep_alive"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn keep_alive_durations_are_go_durations() {
+        for ok in ["30m", "1h30m", "-1m", "1.5h", "500ms", "0s"] {
+            assert!(is_go_duration(ok), "{ok}");
+        }
+        for bad in ["forever", "30 m", "m", "1d", "-", "", "5"] {
+            assert!(!is_go_duration(bad), "{bad}");
+        }
+    }
 }

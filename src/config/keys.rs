@@ -164,8 +164,11 @@ keys! {
     EMBED_URL: "embed" "url", text(super::app::OLLAMA_URL), "base URL of the embedding server";
     EMBED_MODEL: "embed" "model", text("nomic-embed-text"), "embedding model";
     EMBED_API_KEY: "embed" "api_key", SECRET, "bearer token for the embedding server";
-    EMBED_DIMENSIONS: "embed" "dimensions", int(0, 0, 65_536), "vector size; 0 = take it from the first response";
+    EMBED_DIMENSIONS: "embed" "dimensions", int(0, 0, 65_536),
+        "vector size; 0 = take it from the first response; when set it is also asked of the server, which shortens the vectors if the model can";
     EMBED_TIMEOUT: "embed" "timeout", secs(30.0, 0.1, HOUR), "seconds per embedding request";
+    EMBED_KEEP_ALIVE: "embed" "keep_alive", text(super::app::KEEP_ALIVE),
+        "how long Ollama keeps the model loaded after a request: `\"30m\"`, `\"1h\"`, seconds (`\"-1\"` = always); `\"\"` = Ollama's default (5 minutes)";
 
     LLM_PROVIDER: "llm" "provider", Kind::Choice { default: "ollama", choices: PROVIDERS },
         "generation API: `ollama` (`/api/chat`), `openai` (`/v1/chat/completions`), or `none` (extractive answers)";
@@ -174,11 +177,17 @@ keys! {
     LLM_API_KEY: "llm" "api_key", SECRET, "bearer token for the LLM server";
     LLM_TIMEOUT: "llm" "timeout", secs(120.0, 0.1, HOUR), "seconds for a whole answer";
     LLM_CONNECT_TIMEOUT: "llm" "connect_timeout", secs(2.0, 0.1, 300.0), "seconds to connect to the LLM server";
-    LLM_FIRST_TOKEN_TIMEOUT: "llm" "first_token_timeout", secs(60.0, 0.1, HOUR), "seconds until the first token";
+    LLM_FIRST_TOKEN_TIMEOUT: "llm" "first_token_timeout", secs(60.0, 0.1, HOUR),
+        "seconds until the first token (a token of reasoning counts)";
     LLM_TEMPERATURE: "llm" "temperature", Kind::Float { default: 0.2, min: 0.0, max: 2.0 }, "sampling temperature";
-    LLM_MAX_TOKENS: "llm" "max_tokens", int(512, 1, MIB), "longest answer in tokens";
+    LLM_MAX_TOKENS: "llm" "max_tokens", int(512, 1, MIB),
+        "the answer's token budget (reasoning counts against it); an answer that reaches it is marked as cut off";
     LLM_MAX_CONCURRENT: "llm" "max_concurrent", int(0, 0, 100_000),
         "pool-wide cap on answers generated at once (0 = none); the others wait in line and are told their place";
+    LLM_THINK: "llm" "think", Kind::Bool { default: false },
+        "thinking models may think (`false` sends `\"think\": false`); `true` shows their reasoning collapsed on the page";
+    LLM_KEEP_ALIVE: "llm" "keep_alive", text(super::app::KEEP_ALIVE),
+        "how long Ollama keeps the model loaded after a request (as `[embed] keep_alive`)";
 
     RAG_CHUNK_SIZE: "rag" "chunk_size", int(800, 100, 100_000), "chunks of about this many characters";
     RAG_CHUNK_OVERLAP: "rag" "chunk_overlap", int(100, 0, 50_000), "characters shared by neighbouring chunks (less than `chunk_size`)";

@@ -163,6 +163,8 @@ impl Api {
         let mut answer = Answer {
             answer: String::new(),
             mode: Mode::Extractive,
+            truncated: false,
+            reasoning: String::new(),
             sources: Vec::new(),
             timings: Timings::default(),
         };
@@ -173,10 +175,17 @@ impl Api {
             match event {
                 Event::Sources(sources) => answer.sources = sources,
                 Event::Queued { .. } => {}
+                Event::Reasoning(text) => answer.reasoning.push_str(&text),
                 Event::Token(text) => answer.answer.push_str(&text),
-                Event::Done { mode, timings, .. } => {
+                Event::Done {
+                    mode,
+                    timings,
+                    truncated,
+                    ..
+                } => {
                     answer.mode = mode;
                     answer.timings = timings;
+                    answer.truncated = truncated;
                 }
                 Event::Error { message, .. } => {
                     return Err(ApiError::new(StatusCode::BAD_GATEWAY, message))

@@ -18,8 +18,12 @@ pub fn observe(cells: &MetricCells, event: &Event) {
         Event::Done {
             timings,
             upstream_error,
+            truncated,
             ..
         } => {
+            if *truncated {
+                cells.add_truncated(1);
+            }
             let ms = |v: f64| std::time::Duration::from_secs_f64(v.max(0.0) / 1000.0);
             if timings.embed_ms > 0.0 {
                 cells.record_stage("embed", ms(timings.embed_ms));
@@ -34,7 +38,7 @@ pub fn observe(cells: &MetricCells, event: &Event) {
             }
         }
         Event::Error { backend, .. } => cells.upstream_error(backend),
-        Event::Sources(_) | Event::Queued { .. } => {}
+        Event::Sources(_) | Event::Queued { .. } | Event::Reasoning(_) => {}
     }
 }
 
@@ -199,6 +203,17 @@ pub fn prometheus(board: &Scoreboard, store: Option<StoreStats>) -> String {
         "Answer tokens streamed to clients.",
     );
     let _ = writeln!(out, "ragpool_rag_tokens_streamed_total {}", totals.tokens());
+    family(
+        &mut out,
+        "ragpool_rag_answers_truncated_total",
+        "counter",
+        "Generated answers cut off because the model's token budget (max_tokens) ran out.",
+    );
+    let _ = writeln!(
+        out,
+        "ragpool_rag_answers_truncated_total {}",
+        totals.truncated()
+    );
     family(
         &mut out,
         "ragpool_upstream_errors_total",

@@ -11,8 +11,17 @@ pub fn encode(event: &Event) -> Bytes {
     let (name, data) = match event {
         Event::Sources(sources) => ("sources", json!({ "sources": sources })),
         Event::Queued { position } => ("queued", json!({ "position": position })),
+        Event::Reasoning(text) => ("reasoning", json!({ "text": text })),
         Event::Token(text) => ("token", json!({ "text": text })),
-        Event::Done { mode, timings, .. } => ("done", json!({ "mode": mode, "timings": timings })),
+        Event::Done {
+            mode,
+            timings,
+            truncated,
+            ..
+        } => (
+            "done",
+            json!({ "mode": mode, "truncated": truncated, "timings": timings }),
+        ),
         Event::Error { message, .. } => ("error", json!({ "error": message })),
     };
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))

@@ -59,12 +59,14 @@ pub fn user_prompt(question: &str, hits: &[Hit]) -> String {
 }
 
 /// Why there is no generated answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExtractiveReason {
     /// No language model is configured.
     NoLlm,
     /// The language model could not be reached or failed.
     LlmDown,
+    /// The server runs but does not have this model; `pull`: an Ollama server (say how).
+    ModelMissing { model: String, pull: bool },
 }
 
 /// An answer made of the best passages' best sentences, matched words in **bold**, labelled.
@@ -77,7 +79,30 @@ pub fn extractive_answer(
 ) -> String {
     let query: Vec<String> = stems.query_stems(question);
     let mut out = String::new();
-    let label = match (language, why) {
+    let missing;
+    let label = match (language, &why) {
+        (Language::Russian, ExtractiveReason::ModelMissing { model, pull }) => {
+            let how = if *pull {
+                format!(" (ollama pull {model})")
+            } else {
+                String::new()
+            };
+            missing = format!(
+                "Языковой модели {model} нет на её сервере{how}, поэтому вот самые подходящие фрагменты документов:"
+            );
+            missing.as_str()
+        }
+        (Language::English, ExtractiveReason::ModelMissing { model, pull }) => {
+            let how = if *pull {
+                format!(" (it is not pulled: ollama pull {model})")
+            } else {
+                String::new()
+            };
+            missing = format!(
+                "The language model {model} is not available on its server{how}, so here are the most relevant passages:"
+            );
+            missing.as_str()
+        }
         (Language::Russian, ExtractiveReason::NoLlm) => {
             "Языковая модель не настроена, поэтому вот самые подходящие фрагменты документов:"
         }
@@ -264,5 +289,20 @@ mod tests {
         );
         let none = extractive_answer("q", &[], &stems, ExtractiveReason::NoLlm, Language::English);
         assert!(none.contains("Nothing in the documents matches"));
+        let missing = extractive_answer(
+            "q",
+            &[],
+            &stems,
+            ExtractiveReason::ModelMissing {
+                model: "qwen3".into(),
+                pull: true,
+            },
+            Language::English,
+        );
+        assert!(
+            missing.starts_with("The language model qwen3 is not available")
+                && missing.contains("ollama pull qwen3"),
+            "{missing}"
+        );
     }
 }

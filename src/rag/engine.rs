@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::answer::{self, ExtractiveReason};
 use super::ingest::{self, IngestError, LoadedDocument};
-use super::llm::{ChatMessage, Embedder, Generator, LlmError, Role};
+use super::llm::{ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, Role};
 use super::store::{Store, StoreError};
 use super::text::{detect_language, Stems};
 use super::{content_hash, document_id, Hit, NewChunk, NewDocument, StoreStats, UpsertOutcome};
@@ -76,7 +76,8 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
-/// What an answer stream says, in order: `Sources`, `Token`*, then `Done` or `Error`.
+/// What an answer stream says, in order: `Sources`, `Reasoning`* (only with `[llm] think`),
+/// `Token`*, then `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Sources(Vec<Source>),
@@ -84,12 +85,16 @@ pub enum Event {
     Queued {
         position: u64,
     },
+    /// A piece of the model's reasoning, shown apart from the answer; never answer text.
+    Reasoning(String),
     Token(String),
-    /// `upstream_error` names the LLM backend when it failed and the answer fell back.
+    /// `upstream_error` names the LLM backend when it failed and the answer fell back;
+    /// `truncated`: the model's token budget ran out, so the answer is cut off.
     Done {
         mode: Mode,
         timings: Timings,
         upstream_error: Option<&'static str>,
+        truncated: bool,
     },
     /// The answer failed; `backend` is the upstream at fault ("embedded", "ollama", ...).
     Error {
@@ -103,6 +108,11 @@ pub enum Event {
 pub struct Answer {
     pub answer: String,
     pub mode: Mode,
+    /// The answer was cut off: the model's token budget (`[llm] max_tokens`) ran out.
+    pub truncated: bool,
+    /// The model's reasoning, when `[llm] think` is on and it thought.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reasoning: String,
     pub sources: Vec<Source>,
     pub timings: Timings,
 }
@@ -132,6 +142,8 @@ pub struct Rag {
     config: crate::config::RagConfig,
     /// "ollama", "openai" or "none": the label of LLM errors in metrics.
     llm_backend: &'static str,
+    /// `[llm] think`: reasoning is streamed to the client (else it is only waited through).
+    think: bool,
     /// The pool-wide cap on concurrent generations, when the caller set one.
     gate: Option<Box<dyn GenerationGate>>,
     /// The last store count for /health: when, and what it said.
@@ -162,6 +174,7 @@ impl Rag {
                 Provider::OpenAi => "openai",
                 Provider::None => "none",
             },
+            think: config.llm.think,
             llm_probe: TtlCache::new(LLM_STATUS_TTL),
             store_probe: TtlCache::new(STORE_STATUS_TTL),
             gate: None,
@@ -296,6 +309,7 @@ impl Rag {
             return;
         }
         let generate_started = Instant::now();
+        let mut truncated = false;
         let mode = match &self.generator {
             None => {
                 let text = answer::extractive_answer(
@@ -325,7 +339,10 @@ impl Rag {
                 )
                 .await
             {
-                Generation::Finished => Mode::Generated,
+                Generation::Finished { cut_off } => {
+                    truncated = cut_off;
+                    Mode::Generated
+                }
                 Generation::ReceiverGone => return,
                 Generation::FailedMidStream(message) => {
                     let backend = self.llm_backend;
@@ -335,14 +352,20 @@ impl Rag {
                 Generation::Unavailable(e) => {
                     log::warn!("LLM unavailable, answering extractively: {e}");
                     upstream_error = Some(self.llm_backend);
-                    self.note_llm(Err(e.to_string()));
-                    let text = answer::extractive_answer(
-                        question,
-                        &hits,
-                        &self.stems,
-                        ExtractiveReason::LlmDown,
-                        language,
-                    );
+                    let why = match e.missing_model() {
+                        Some(model) => ExtractiveReason::ModelMissing {
+                            model: model.to_string(),
+                            pull: matches!(generator, Generator::Ollama(_)),
+                        },
+                        None => ExtractiveReason::LlmDown,
+                    };
+                    // What /health shows until its next model check: only what a failed
+                    // answer says for sure about the server (not a one-off timeout).
+                    if matches!(e, LlmError::ModelMissing { .. } | LlmError::Connect { .. }) {
+                        self.note_llm(Err(e.to_string()));
+                    }
+                    let text =
+                        answer::extractive_answer(question, &hits, &self.stems, why, language);
                     let _ = events.send(Event::Token(text)).await;
                     Mode::Extractive
                 }
@@ -355,6 +378,7 @@ impl Rag {
                 mode,
                 timings,
                 upstream_error,
+                truncated,
             })
             .await;
     }
@@ -393,32 +417,60 @@ impl Rag {
             },
             _ = events.closed() => return Generation::ReceiverGone,
         };
-        let mut sent_any = false;
+        // The first token of any kind stops the first-token clock (the client's bound is met
+        // by reasoning too); only answer text makes an answer.
+        let mut first_seen = false;
+        let mut answered = false;
+        let mut reasoned = false;
         loop {
             let next = tokio::select! {
                 next = tokens.next() => next,
                 // The client went away: dropping `tokens` closes the upstream connection.
                 _ = events.closed() => return Generation::ReceiverGone,
             };
-            match next {
-                None => return Generation::Finished,
-                Some(Ok(token)) => {
-                    if !sent_any {
-                        timings.first_token_ms = Some(ms(started.elapsed()));
-                        sent_any = true;
-                        self.note_llm(Ok(()));
-                    }
-                    if events.send(Event::Token(token)).await.is_err() {
-                        return Generation::ReceiverGone;
-                    }
-                }
-                Some(Err(e)) if !sent_any => return Generation::Unavailable(e),
+            let event = match next {
+                // A clean end always says how it finished first; treat a bare end alike.
+                None => Chunk::Finished(Finish::Stop),
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) if !answered => return Generation::Unavailable(e),
                 Some(Err(e)) => {
                     log::warn!("LLM failed mid-answer: {e}");
                     return Generation::FailedMidStream(
                         "the language model stopped in the middle of the answer; please ask again"
                             .into(),
                     );
+                }
+            };
+            if !first_seen && !matches!(event, Chunk::Finished(_)) {
+                first_seen = true;
+                timings.first_token_ms = Some(ms(started.elapsed()));
+                self.note_llm(Ok(()));
+            }
+            match event {
+                Chunk::Reasoning(text) => {
+                    reasoned = true;
+                    if self.think && events.send(Event::Reasoning(text)).await.is_err() {
+                        return Generation::ReceiverGone;
+                    }
+                }
+                Chunk::Answer(token) => {
+                    answered = true;
+                    if events.send(Event::Token(token)).await.is_err() {
+                        return Generation::ReceiverGone;
+                    }
+                }
+                Chunk::Finished(finish) if !answered => {
+                    let message = no_answer_message(&finish, reasoned, generator.max_tokens());
+                    log::warn!("LLM ended without an answer ({finish:?}): {message}");
+                    return Generation::FailedMidStream(message);
+                }
+                Chunk::Finished(finish) => {
+                    if finish == Finish::Length {
+                        log::info!("answer cut off at max_tokens = {}", generator.max_tokens());
+                    }
+                    return Generation::Finished {
+                        cut_off: finish == Finish::Length,
+                    };
                 }
             }
         }
@@ -599,10 +651,31 @@ async fn wait_in_line<'a>(
 }
 
 enum Generation {
-    Finished,
+    /// An answer; `cut_off` when the token budget ran out.
+    Finished {
+        cut_off: bool,
+    },
     ReceiverGone,
     FailedMidStream(String),
     Unavailable(LlmError),
+}
+
+/// What the user reads when the model ended cleanly without a word of answer.
+fn no_answer_message(finish: &Finish, reasoned: bool, max_tokens: u32) -> String {
+    match (finish, reasoned) {
+        (Finish::Length, true) => format!(
+            "the language model spent its whole budget of {max_tokens} tokens thinking and gave \
+             no answer; please ask again (the operator can raise [llm] max_tokens or set [llm] think = false)"
+        ),
+        (Finish::Length, false) => format!(
+            "the language model's budget of {max_tokens} tokens ran out before it answered; \
+             please ask again (the operator can raise [llm] max_tokens)"
+        ),
+        (Finish::Other(reason), _) => format!(
+            "the language model stopped without an answer ({reason}); please ask again"
+        ),
+        (Finish::Stop, _) => "the language model gave an empty answer; please ask again".into(),
+    }
 }
 
 fn snippet(text: &str) -> String {

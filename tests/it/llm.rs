@@ -5,8 +5,10 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use ragpool::config::app::{EmbedConfig, LlmConfig, Provider};
-use ragpool::rag::llm::{ChatMessage, Embedder, Generator, LlmError, TimeoutKind, TokenStream};
+use ragpool::config::app::{EmbedConfig, KeepAlive, LlmConfig, Provider};
+use ragpool::rag::llm::{
+    ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, TimeoutKind, TokenStream,
+};
 
 use crate::support::fake_ollama::{
     fake_embedding, split_tokens, FailMode, FakeOllama, FakeOptions,
@@ -26,6 +28,8 @@ fn llm_config(provider: Provider, url: &str) -> LlmConfig {
         temperature: 0.0,
         max_tokens: 64,
         max_concurrent: 0,
+        think: false,
+        keep_alive: Some(KeepAlive::Duration("30m".into())),
     }
 }
 
@@ -37,6 +41,7 @@ fn embed_config(provider: Provider, url: &str) -> EmbedConfig {
         api_key: None,
         dimensions: 0,
         timeout: Duration::from_secs(20),
+        keep_alive: None,
     }
 }
 
@@ -61,19 +66,45 @@ fn question() -> Vec<ChatMessage> {
     ]
 }
 
-/// Every token, and the error that ended the stream if one did.
-async fn collect(mut stream: TokenStream) -> (Vec<String>, Option<LlmError>) {
-    let mut tokens = Vec::new();
+/// What one generation gave, in the order the stream said it.
+#[derive(Debug, Default)]
+struct Generated {
+    answer: Vec<String>,
+    reasoning: Vec<String>,
+    /// How a clean end finished (the last item before the end).
+    finish: Option<Finish>,
+    /// The error that ended the stream, if one did (then `finish` is `None`).
+    error: Option<LlmError>,
+    /// Reasoning that came after answer text (a stream should not interleave them).
+    interleaved: bool,
+}
+
+async fn run(mut stream: TokenStream) -> Generated {
+    let mut out = Generated::default();
     while let Some(item) = stream.next().await {
+        assert!(out.finish.is_none(), "Finished is the last item: {item:?}");
         match item {
-            Ok(token) => tokens.push(token),
+            Ok(Chunk::Answer(token)) => out.answer.push(token),
+            Ok(Chunk::Reasoning(text)) => {
+                out.interleaved |= !out.answer.is_empty();
+                out.reasoning.push(text);
+            }
+            Ok(Chunk::Finished(finish)) => out.finish = Some(finish),
             Err(e) => {
                 assert!(stream.next().await.is_none(), "an error is the last item");
-                return (tokens, Some(e));
+                out.error = Some(e);
+                return out;
             }
         }
     }
-    (tokens, None)
+    assert!(out.finish.is_some(), "a clean end says how it finished");
+    out
+}
+
+/// Every answer token, and the error that ended the stream if one did.
+async fn collect(stream: TokenStream) -> (Vec<String>, Option<LlmError>) {
+    let generated = run(stream).await;
+    (generated.answer, generated.error)
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{request_error, status_error, Endpoint, LlmError, TimeoutKind};
-use crate::config::app::{EmbedConfig, Provider};
+use crate::config::app::{EmbedConfig, KeepAlive, Provider};
 
 /// Inputs per request: small enough for any server's batch limit, big enough to amortise calls.
 pub const EMBED_BATCH: usize = 32;
@@ -39,6 +39,11 @@ pub struct EmbedClient {
     /// Vector size: from `[embed] dimensions`, or learned from the first response (0 = not
     /// yet known). Every later response must match it. Atomic only to keep `Embedder: Sync`.
     dimensions: AtomicUsize,
+    /// `[embed] dimensions` when set: asked of the server (`dimensions`), so a model that can
+    /// shorten its vectors (Ollama, OpenAI's text-embedding-3) does.
+    requested_dimensions: Option<usize>,
+    /// Sent to Ollama with each request.
+    keep_alive: Option<KeepAlive>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +76,8 @@ impl Embedder {
                 model: config.model.clone(),
                 timeout: config.timeout,
                 dimensions: AtomicUsize::new(config.dimensions),
+                requested_dimensions: Some(config.dimensions).filter(|&d| d > 0),
+                keep_alive: config.keep_alive.clone(),
             })
         };
         Ok(match config.provider {
@@ -112,6 +119,31 @@ impl Embedder {
         })
     }
 
+    /// Whether the configured model is there (see [`super::Generator::check_model`]),
+    /// within `within`.
+    pub async fn check_model(&self, within: Duration) -> Result<(), LlmError> {
+        let c = self.client();
+        let within = within.min(c.timeout);
+        let exchange = async {
+            match self {
+                Embedder::Ollama(_) => {
+                    super::models::ollama_has_model(&c.endpoint, &c.model, within).await
+                }
+                Embedder::OpenAi(_) => {
+                    super::models::openai_has_model(&c.endpoint, &c.model, within).await
+                }
+            }
+        };
+        match tokio::time::timeout(within, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(LlmError::Timeout {
+                url: c.endpoint.url(""),
+                kind: TimeoutKind::Ping,
+                after: within,
+            }),
+        }
+    }
+
     fn client(&self) -> &EmbedClient {
         match self {
             Embedder::Ollama(client) | Embedder::OpenAi(client) => client,
@@ -122,14 +154,23 @@ impl Embedder {
 impl EmbedClient {
     async fn embed_ollama(&self, batch: &[String]) -> Result<Vec<Vec<f32>>, LlmError> {
         let url = self.endpoint.url("/api/embed");
-        let body = json!({ "model": self.model, "input": batch });
+        let mut body = json!({ "model": self.model, "input": batch });
+        if let Some(dimensions) = self.requested_dimensions {
+            body["dimensions"] = json!(dimensions);
+        }
+        if let Some(keep_alive) = &self.keep_alive {
+            body["keep_alive"] = keep_alive.to_json();
+        }
         let response: OllamaEmbedResponse = self.post(&url, &body).await?;
         self.check(&url, batch.len(), response.embeddings)
     }
 
     async fn embed_openai(&self, batch: &[String]) -> Result<Vec<Vec<f32>>, LlmError> {
         let url = self.endpoint.url("/v1/embeddings");
-        let body = json!({ "model": self.model, "input": batch });
+        let mut body = json!({ "model": self.model, "input": batch });
+        if let Some(dimensions) = self.requested_dimensions {
+            body["dimensions"] = json!(dimensions);
+        }
         let mut response: OpenAiEmbedResponse = self.post(&url, &body).await?;
         response.data.sort_by_key(|d| d.index);
         let in_order = response.data.iter().enumerate().all(|(i, d)| d.index == i);
@@ -157,7 +198,7 @@ impl EmbedClient {
                 .await
                 .map_err(|e| request_error(url, e))?;
             if !response.status().is_success() {
-                return Err(status_error(url, response, self.timeout).await);
+                return Err(self.missing_or(status_error(url, response, self.timeout).await));
             }
             let bytes = response.bytes().await.map_err(|e| request_error(url, e))?;
             serde_json::from_slice(&bytes).map_err(|e| LlmError::Protocol {
@@ -174,6 +215,24 @@ impl EmbedClient {
                     after: self.timeout,
                 })
             })
+    }
+
+    /// A 404 that says the model is missing becomes [`LlmError::ModelMissing`].
+    fn missing_or(&self, error: LlmError) -> LlmError {
+        match &error {
+            LlmError::Status {
+                url,
+                status,
+                message,
+            } if super::says_model_missing(*status, message) => {
+                if url.ends_with("/api/embed") {
+                    LlmError::not_pulled(url, &self.model)
+                } else {
+                    LlmError::not_served(url, &self.model, &[])
+                }
+            }
+            _ => error,
+        }
     }
 
     /// One vector per input, all of the expected size.
@@ -226,6 +285,7 @@ mod tests {
             api_key: None,
             dimensions: 3,
             timeout: Duration::from_secs(1),
+            keep_alive: None,
         }
     }
 

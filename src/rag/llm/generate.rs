@@ -3,8 +3,10 @@
 //!
 //! Owns the request shapes and the three bounds of a generation: connecting
 //! (`connect_timeout`, reqwest's), the first token (`first_token_timeout`, which also covers
-//! waiting for response headers) and the whole answer (`timeout`). Does not build prompts,
-//! never retries, and holds no concurrency cap.
+//! waiting for response headers; a token of reasoning counts, so a long think is bounded by
+//! `timeout`, not starved by the first-token bound) and the whole answer (`timeout`). Also the
+//! model check behind `/health`. Does not build prompts, never retries, and holds no
+//! concurrency cap.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -18,10 +20,10 @@ use tokio::time::Instant;
 use super::ndjson::NdjsonDecoder;
 use super::sse::SseDecoder;
 use super::{
-    request_error, status_error, ChatEvent, ChatMessage, Endpoint, LlmError, TimeoutKind,
+    request_error, status_error, ChatEvent, ChatMessage, Chunk, Endpoint, LlmError, TimeoutKind,
     TokenStream,
 };
-use crate::config::app::{LlmConfig, Provider};
+use crate::config::app::{KeepAlive, LlmConfig, Provider};
 
 /// A generation client for one model on one server (enum dispatch over the two protocols).
 #[derive(Debug)]
@@ -45,6 +47,10 @@ pub struct ChatClient {
     first_token_timeout: Duration,
     temperature: f64,
     max_tokens: u32,
+    /// `[llm] think`: sent as `"think": false` when off; left out when on (Ollama then thinks
+    /// if the model can, and a model that cannot is not refused).
+    think: bool,
+    keep_alive: Option<KeepAlive>,
 }
 
 impl Generator {
@@ -64,6 +70,8 @@ impl Generator {
                 first_token_timeout: config.first_token_timeout,
                 temperature: config.temperature,
                 max_tokens: config.max_tokens,
+                think: config.think,
+                keep_alive: config.keep_alive.clone(),
             })
         };
         Ok(match config.provider {
@@ -77,22 +85,36 @@ impl Generator {
         &self.client().model
     }
 
+    pub fn max_tokens(&self) -> u32 {
+        self.client().max_tokens
+    }
+
     /// Starts a generation. Returns once the server accepted it (a 2xx with headers), within
-    /// `first_token_timeout`; the tokens follow on the stream, which ends cleanly only after
-    /// the server said it is done.
+    /// `first_token_timeout`; the pieces follow on the stream, which ends cleanly only after
+    /// the server said it is done ([`Chunk::Finished`]). A server without the model is
+    /// [`LlmError::ModelMissing`].
     pub async fn stream(&self, messages: &[ChatMessage]) -> Result<TokenStream, LlmError> {
         let client = self.client();
         let (url, body, decoder) = match self {
-            Generator::Ollama(c) => (
-                c.endpoint.url("/api/chat"),
-                json!({
+            Generator::Ollama(c) => {
+                let mut body = json!({
                     "model": c.model,
                     "messages": messages,
                     "stream": true,
                     "options": { "temperature": c.temperature, "num_predict": c.max_tokens },
-                }),
-                Decoder::Ndjson(NdjsonDecoder::default()),
-            ),
+                });
+                if !c.think {
+                    body["think"] = json!(false);
+                }
+                if let Some(keep_alive) = &c.keep_alive {
+                    body["keep_alive"] = keep_alive.to_json();
+                }
+                (
+                    c.endpoint.url("/api/chat"),
+                    body,
+                    Decoder::Ndjson(NdjsonDecoder::default()),
+                )
+            }
             Generator::OpenAi(c) => (
                 c.endpoint.url("/v1/chat/completions"),
                 json!({
@@ -123,7 +145,7 @@ impl Generator {
             let within = until
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(100));
-            return Err(status_error(&url, response, within).await);
+            return Err(self.missing_or(status_error(&url, response, within).await));
         }
         log::debug!(
             "generation started: {url} model {} ({} messages)",
@@ -142,11 +164,12 @@ impl Generator {
             failed: None,
             started,
             tokens: 0,
+            reasoning: 0,
         };
         let tokens = futures_util::stream::unfold(Some(pump), |pump| async move {
             let mut pump = pump?;
-            match pump.next_token().await {
-                Some(Ok(token)) => Some((Ok(token), Some(pump))),
+            match pump.next_chunk().await {
+                Some(Ok(chunk)) => Some((Ok(chunk), Some(pump))),
                 // An error is the last item: the state (and with it the response) is dropped.
                 Some(Err(e)) => Some((Err(e), None)),
                 None => None,
@@ -184,6 +207,48 @@ impl Generator {
                 kind: TimeoutKind::Ping,
                 after: client.connect_timeout,
             }),
+        }
+    }
+
+    /// Whether the configured model is there: Ollama's `GET /api/tags` (then `POST /api/show`
+    /// if the list does not name it, since Ollama resolves names its own way), or the ids of
+    /// OpenAI's `GET /v1/models`. Bounded by `connect_timeout`, like a ping; an unreachable
+    /// server is the same error as for a ping.
+    pub async fn check_model(&self) -> Result<(), LlmError> {
+        let c = self.client();
+        let exchange = async {
+            match self {
+                Generator::Ollama(_) => {
+                    super::models::ollama_has_model(&c.endpoint, &c.model, c.connect_timeout).await
+                }
+                Generator::OpenAi(_) => {
+                    super::models::openai_has_model(&c.endpoint, &c.model, c.connect_timeout).await
+                }
+            }
+        };
+        match tokio::time::timeout(c.connect_timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(LlmError::Timeout {
+                url: c.endpoint.url(""),
+                kind: TimeoutKind::Ping,
+                after: c.connect_timeout,
+            }),
+        }
+    }
+
+    /// A 404 that says the model is missing becomes [`LlmError::ModelMissing`].
+    fn missing_or(&self, error: LlmError) -> LlmError {
+        let c = self.client();
+        match &error {
+            LlmError::Status {
+                url,
+                status,
+                message,
+            } if super::says_model_missing(*status, message) => match self {
+                Generator::Ollama(_) => LlmError::not_pulled(url, &c.model),
+                Generator::OpenAi(_) => LlmError::not_served(url, &c.model, &[]),
+            },
+            _ => error,
         }
     }
 
@@ -244,43 +309,50 @@ impl Decoder {
     }
 }
 
-/// The state behind a [`TokenStream`]: the response body, the decoder, and tokens decoded but
-/// not yet handed out (one chunk may hold several).
+/// The state behind a [`TokenStream`]: the response body, the decoder, and pieces decoded but
+/// not yet handed out (one network chunk may hold several).
 struct Pump {
     url: String,
     /// Dropping it closes the connection: the upstream sees the client go away.
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>>>>,
     decoder: Decoder,
-    ready: VecDeque<String>,
+    ready: VecDeque<Chunk>,
     /// Scratch space for one chunk's events.
     events: Vec<ChatEvent>,
     deadlines: Deadlines,
+    /// A first token of any kind (reasoning or answer) arrived: `first_token_timeout` is met.
     got_first_token: bool,
-    /// The server said the answer is complete.
+    /// The server said the answer is complete (and [`Chunk::Finished`] is queued).
     done: bool,
     /// An error to hand out once the tokens decoded before it are gone.
     failed: Option<LlmError>,
     started: Instant,
+    /// Answer and reasoning pieces handed out, for the log.
     tokens: usize,
+    reasoning: usize,
 }
 
 impl Pump {
-    async fn next_token(&mut self) -> Option<Result<String, LlmError>> {
+    async fn next_chunk(&mut self) -> Option<Result<Chunk, LlmError>> {
         loop {
-            if let Some(token) = self.ready.pop_front() {
-                self.tokens += 1;
-                return Some(Ok(token));
+            if let Some(chunk) = self.ready.pop_front() {
+                match &chunk {
+                    Chunk::Answer(_) => self.tokens += 1,
+                    Chunk::Reasoning(_) => self.reasoning += 1,
+                    Chunk::Finished(finish) => log::debug!(
+                        "generation done ({finish:?}): {} answer and {} reasoning pieces in {:?} from {}",
+                        self.tokens,
+                        self.reasoning,
+                        self.started.elapsed(),
+                        self.url
+                    ),
+                }
+                return Some(Ok(chunk));
             }
             if let Some(e) = self.failed.take() {
                 return Some(Err(e));
             }
             if self.done {
-                log::debug!(
-                    "generation done: {} tokens in {:?} from {}",
-                    self.tokens,
-                    self.started.elapsed(),
-                    self.url
-                );
                 return None;
             }
             let (until, kind, after) = self.deadlines.next(self.got_first_token);
@@ -300,14 +372,21 @@ impl Pump {
                 Some(bytes) => self.decoder.feed(bytes, &mut self.events),
                 None => self.decoder.finish(&mut self.events),
             };
-            // Tokens decoded before an error are still handed out, then the error.
+            // Pieces decoded before an error are still handed out, then the error.
             for event in self.events.drain(..) {
                 match event {
                     ChatEvent::Token(token) => {
                         self.got_first_token = true;
-                        self.ready.push_back(token);
+                        self.ready.push_back(Chunk::Answer(token));
                     }
-                    ChatEvent::Done => self.done = true,
+                    ChatEvent::Reasoning(text) => {
+                        self.got_first_token = true;
+                        self.ready.push_back(Chunk::Reasoning(text));
+                    }
+                    ChatEvent::Done(finish) => {
+                        self.done = true;
+                        self.ready.push_back(Chunk::Finished(finish));
+                    }
                 }
             }
             if let Err(e) = decoded {
@@ -316,8 +395,8 @@ impl Pump {
                 self.failed = Some(LlmError::Protocol {
                     url: self.url.clone(),
                     reason: format!(
-                        "the stream ended before the server said it was done (after {} tokens)",
-                        self.tokens + self.ready.len()
+                        "the stream ended before the server said it was done (after {} pieces)",
+                        self.tokens + self.reasoning + self.ready.len()
                     ),
                 });
             }

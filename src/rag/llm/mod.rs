@@ -9,7 +9,9 @@
 //! # Layout
 //!
 //! - [`Embedder`] (`embed.rs`): texts in, vectors out, batched.
-//! - [`Generator`] (`generate.rs`): chat messages in, a [`TokenStream`] out; `ping` for `/health`.
+//! - [`Generator`] (`generate.rs`): chat messages in, a [`TokenStream`] of [`Chunk`]s out
+//!   (answer, reasoning, how it finished); `ping` and `check_model` for `/health`.
+//! - `models.rs`: whether a server has the configured model (`/api/tags`, `/v1/models`).
 //! - `lines.rs`: bytes -> lines across arbitrary chunk boundaries (CR, LF, CRLF).
 //! - `ndjson.rs` / `sse.rs`: Ollama's NDJSON and OpenAI's server-sent events -> [`ChatEvent`]s.
 //!
@@ -25,6 +27,7 @@ mod decode_tests;
 mod embed;
 mod generate;
 mod lines;
+mod models;
 mod ndjson;
 mod sse;
 
@@ -37,11 +40,48 @@ use serde::Serialize;
 pub use embed::Embedder;
 pub use generate::Generator;
 
-/// Tokens of one generation, in order. Ends after the last token; an `Err` is the last item.
+/// The pieces of one generation, in order: [`Chunk::Reasoning`] and [`Chunk::Answer`] as they
+/// come, then [`Chunk::Finished`] as the last item of a clean end; an `Err` is the last item
+/// otherwise.
 ///
 /// Dropping it drops the HTTP response and closes the connection, which is how a client that
 /// went away cancels the upstream generation.
-pub type TokenStream = Pin<Box<dyn futures_util::Stream<Item = Result<String, LlmError>>>>;
+pub type TokenStream = Pin<Box<dyn futures_util::Stream<Item = Result<Chunk, LlmError>>>>;
+
+/// One item of a [`TokenStream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    /// A non-empty piece of the answer (`message.content`, `delta.content`).
+    Answer(String),
+    /// A non-empty piece of the model's reasoning before (or beside) the answer: Ollama's
+    /// `message.thinking`, OpenAI-compatible servers' `delta.reasoning_content` (llama.cpp,
+    /// vLLM, DeepSeek) or `delta.reasoning`. Never part of the answer.
+    Reasoning(String),
+    /// The server said the generation is complete, and why it stopped.
+    Finished(Finish),
+}
+
+/// Why the server stopped generating (`done_reason` / `finish_reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// The model ended its answer (`"stop"`, or no reason given).
+    Stop,
+    /// The token budget ran out (`max_tokens` / `num_predict`): the answer is cut off.
+    Length,
+    /// Any other reason the server gave (`"content_filter"`, `"tool_calls"`, ...).
+    Other(String),
+}
+
+impl Finish {
+    /// From the wire: `None` (older servers say nothing) is a normal stop.
+    pub(crate) fn from_reason(reason: Option<&str>) -> Finish {
+        match reason {
+            None | Some("") | Some("stop") | Some("eos") => Finish::Stop,
+            Some("length") => Finish::Length,
+            Some(other) => Finish::Other(other.to_string()),
+        }
+    }
+}
 
 /// Which bound ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +147,15 @@ pub enum LlmError {
     /// The client cannot be built from this configuration.
     #[error("cannot use {url}: {reason}")]
     Config { url: String, reason: String },
+    /// The server runs but does not have the configured model (Ollama's 404 "model 'x' not
+    /// found", a model missing from `/api/tags` or `/v1/models`). The message says what to do
+    /// and is fit to show an operator: "model llama3.2 is not pulled: ollama pull llama3.2".
+    #[error("{message}")]
+    ModelMissing {
+        url: String,
+        model: String,
+        message: String,
+    },
 }
 
 impl LlmError {
@@ -122,9 +171,75 @@ impl LlmError {
             LlmError::Protocol { .. }
             | LlmError::Upstream { .. }
             | LlmError::Dimensions { .. }
-            | LlmError::Config { .. } => false,
+            | LlmError::Config { .. }
+            | LlmError::ModelMissing { .. } => false,
         }
     }
+
+    /// An Ollama server without `model`.
+    pub(crate) fn not_pulled(url: &str, model: &str) -> LlmError {
+        LlmError::ModelMissing {
+            url: url.to_string(),
+            model: model.to_string(),
+            message: format!("model {model} is not pulled: ollama pull {model}"),
+        }
+    }
+
+    /// An OpenAI-compatible server that does not serve `model`; `served` are the ids it lists
+    /// (empty when it only answered 404).
+    pub(crate) fn not_served(url: &str, model: &str, served: &[String]) -> LlmError {
+        let listed = if served.is_empty() {
+            String::new()
+        } else {
+            format!(" (it serves {})", served.join(", "))
+        };
+        LlmError::ModelMissing {
+            url: url.to_string(),
+            model: model.to_string(),
+            message: format!("model {model} is not served by {}{listed}", base_of(url)),
+        }
+    }
+
+    /// The model this error says is missing, if it says so.
+    pub fn missing_model(&self) -> Option<&str> {
+        match self {
+            LlmError::ModelMissing { model, .. } => Some(model),
+            _ => None,
+        }
+    }
+}
+
+/// `http://host:port` of a URL, for messages.
+fn base_of(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => &url[..after_scheme + i],
+        None => url,
+    }
+}
+
+/// A model name as Ollama resolves it: lower case, the default registry and namespace left
+/// out, `:latest` when no tag is given (`llama3.2` is `llama3.2:latest` in `/api/tags`).
+pub(crate) fn ollama_model_name(name: &str) -> String {
+    let name = name.trim().to_ascii_lowercase();
+    let name = name.strip_prefix("registry.ollama.ai/").unwrap_or(&name);
+    let name = name.strip_prefix("library/").unwrap_or(name);
+    let last = name.rsplit('/').next().unwrap_or_default();
+    if last.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+/// Whether a 404's message is a server saying it has no such model (Ollama: "model 'x' not
+/// found"; OpenAI: "The model `x` does not exist", code `model_not_found`; vLLM: "The model
+/// `x` does not exist.").
+pub(crate) fn says_model_missing(status: u16, message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    status == 404
+        && m.contains("model")
+        && (m.contains("not found") || m.contains("does not exist"))
 }
 
 /// Who says a chat message.
@@ -171,8 +286,11 @@ impl ChatMessage {
 pub(crate) enum ChatEvent {
     /// A non-empty piece of the answer.
     Token(String),
-    /// The server said the answer is complete (`"done": true` or `data: [DONE]`).
-    Done,
+    /// A non-empty piece of reasoning (thinking).
+    Reasoning(String),
+    /// The server said the answer is complete (`"done": true` or `data: [DONE]`), with the
+    /// reason it gave (`done_reason`, or the last `finish_reason`).
+    Done(Finish),
 }
 
 /// Why a stream decoder gave up; turned into an [`LlmError`] (with the URL) by the caller.

@@ -1,10 +1,13 @@
 //! Ollama's streaming chat response (`POST /api/chat`, `"stream": true`): one JSON object per
-//! line, `{"message":{"content":"..."},"done":false}` ... `{"done":true}`, or `{"error":"..."}`.
+//! line, `{"message":{"content":"..."},"done":false}` ... `{"done":true,"done_reason":"stop"}`,
+//! or `{"error":"..."}`. A thinking model's reasoning comes in `message.thinking` (with
+//! `content: ""`); the final line may still carry text (a cut-off answer's last piece, with
+//! `done_reason: "length"`).
 //!
 //! Owns decoding only; the socket, timeouts and the URL in errors are `generate`'s.
 
 use super::lines::LineSplitter;
-use super::{ChatEvent, DecodeError};
+use super::{ChatEvent, DecodeError, Finish};
 
 #[derive(Debug, Default)]
 pub(crate) struct NdjsonDecoder {
@@ -47,14 +50,22 @@ fn decode_line(line: &str, done: &mut bool, out: &mut Vec<ChatEvent>) -> Result<
         let message = super::json_error_message(&json).unwrap_or_default();
         return Err(DecodeError::Upstream(message));
     }
-    if let Some(content) = json.pointer("/message/content").and_then(|c| c.as_str()) {
-        if !content.is_empty() {
-            out.push(ChatEvent::Token(content.to_string()));
-        }
+    let text = |pointer: &str| {
+        json.pointer(pointer)
+            .and_then(|c| c.as_str())
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+    };
+    if let Some(thinking) = text("/message/thinking") {
+        out.push(ChatEvent::Reasoning(thinking));
+    }
+    if let Some(content) = text("/message/content") {
+        out.push(ChatEvent::Token(content));
     }
     if json.get("done").and_then(|d| d.as_bool()).unwrap_or(false) {
         *done = true;
-        out.push(ChatEvent::Done);
+        let reason = json.get("done_reason").and_then(|r| r.as_str());
+        out.push(ChatEvent::Done(Finish::from_reason(reason)));
     }
     Ok(())
 }
@@ -80,7 +91,7 @@ mod tests {
             ChatEvent::Token("Привет".into()),
             ChatEvent::Token(", мир".into()),
             ChatEvent::Token(" [1] ✓".into()),
-            ChatEvent::Done,
+            ChatEvent::Done(Finish::Stop),
         ]
     }
 
@@ -101,9 +112,33 @@ mod tests {
         ]);
         assert_eq!(
             events,
-            Ok(vec![ChatEvent::Token("a".into()), ChatEvent::Done])
+            Ok(vec![
+                ChatEvent::Token("a".into()),
+                ChatEvent::Done(Finish::Stop)
+            ])
         );
         assert!(done);
+    }
+
+    #[test]
+    fn thinking_comes_apart_from_the_answer_and_a_cut_keeps_its_last_piece() {
+        let stream = concat!(
+            "{\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":\"Hmm, \"},\"done\":false}\n",
+            "{\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":\"HUP.\"},\"done\":false}\n",
+            "{\"message\":{\"role\":\"assistant\",\"content\":\"Send \"},\"done\":false}\n",
+            "{\"message\":{\"role\":\"assistant\",\"content\":\"HUP\"},\"done\":true,\"done_reason\":\"length\"}\n",
+        );
+        super::super::decode_tests::assert_same_at_every_split::<NdjsonDecoder>(
+            stream.as_bytes(),
+            &[
+                ChatEvent::Reasoning("Hmm, ".into()),
+                ChatEvent::Reasoning("HUP.".into()),
+                ChatEvent::Token("Send ".into()),
+                ChatEvent::Token("HUP".into()),
+                ChatEvent::Done(Finish::Length),
+            ],
+            11,
+        );
     }
 
     #[test]
@@ -137,6 +172,6 @@ mod tests {
     #[test]
     fn bytes_after_done_are_ignored() {
         let (events, _) = decode(&[b"{\"done\":true}\nnot json\n"]);
-        assert_eq!(events, Ok(vec![ChatEvent::Done]));
+        assert_eq!(events, Ok(vec![ChatEvent::Done(Finish::Stop)]));
     }
 }

@@ -1,13 +1,15 @@
 //! OpenAI's streaming chat response (`POST /v1/chat/completions`, `"stream": true`) as
 //! server-sent events: `data: {json}` events whose `choices[0].delta.content` is the next
-//! piece of the answer, ending with `data: [DONE]`.
+//! piece of the answer, ending with `data: [DONE]`. Reasoning models send their thinking in
+//! `delta.reasoning_content` (llama.cpp, vLLM, DeepSeek) or `delta.reasoning`; the chunk that
+//! ends the answer has `choices[0].finish_reason` (`"stop"`, `"length"`, ...).
 //!
 //! Owns event framing (the SSE rules: `field: value` lines, `:` comments, multi-line `data`,
 //! a blank line ends an event) and the chunk JSON. Errors come either as a JSON `{"error":..}`
 //! event or, from llama.cpp's server, as an `error: {json}` line; both end the stream.
 
 use super::lines::LineSplitter;
-use super::{ChatEvent, DecodeError};
+use super::{ChatEvent, DecodeError, Finish};
 
 #[derive(Debug, Default)]
 pub(crate) struct SseDecoder {
@@ -25,6 +27,8 @@ struct PendingEvent {
     kind: String,
     /// `data: [DONE]` was seen; later bytes are ignored.
     done: bool,
+    /// The last `finish_reason` seen, reported with `[DONE]`.
+    finish: Option<String>,
 }
 
 impl SseDecoder {
@@ -94,7 +98,7 @@ impl PendingEvent {
         }
         if data.trim() == "[DONE]" {
             self.done = true;
-            out.push(ChatEvent::Done);
+            out.push(ChatEvent::Done(Finish::from_reason(self.finish.as_deref())));
             return Ok(());
         }
         let json: serde_json::Value = serde_json::from_str(&data).map_err(|e| {
@@ -103,11 +107,22 @@ impl PendingEvent {
         if json.get("error").is_some_and(|e| !e.is_null()) {
             return Err(upstream_error(&data));
         }
-        let content = json
-            .pointer("/choices/0/delta/content")
-            .and_then(|c| c.as_str());
-        if let Some(content) = content.filter(|c| !c.is_empty()) {
-            out.push(ChatEvent::Token(content.to_string()));
+        let text = |pointer: &str| {
+            json.pointer(pointer)
+                .and_then(|c| c.as_str())
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+        };
+        let reasoning = text("/choices/0/delta/reasoning_content")
+            .or_else(|| text("/choices/0/delta/reasoning"));
+        if let Some(reasoning) = reasoning {
+            out.push(ChatEvent::Reasoning(reasoning));
+        }
+        if let Some(content) = text("/choices/0/delta/content") {
+            out.push(ChatEvent::Token(content));
+        }
+        if let Some(reason) = text("/choices/0/finish_reason") {
+            self.finish = Some(reason);
         }
         Ok(())
     }
@@ -147,7 +162,7 @@ mod tests {
             ChatEvent::Token("Привет".into()),
             ChatEvent::Token(", мир".into()),
             ChatEvent::Token(" [2] ✓".into()),
-            ChatEvent::Done,
+            ChatEvent::Done(Finish::Stop),
         ]
     }
 
@@ -168,7 +183,10 @@ mod tests {
             let (events, done) = decode(&[&bytes[..i], &bytes[i..]]);
             assert_eq!(
                 events,
-                Ok(vec![ChatEvent::Token("да".into()), ChatEvent::Done]),
+                Ok(vec![
+                    ChatEvent::Token("да".into()),
+                    ChatEvent::Done(Finish::Stop)
+                ]),
                 "split at {i}"
             );
             assert!(done);
@@ -181,7 +199,10 @@ mod tests {
             b"data: {\"choices\":[{\"delta\":\ndata: {\"content\":\"x\"}}]}\n\ndata: [DONE]\n\n";
         assert_eq!(
             decode(&[input]).0,
-            Ok(vec![ChatEvent::Token("x".into()), ChatEvent::Done])
+            Ok(vec![
+                ChatEvent::Token("x".into()),
+                ChatEvent::Done(Finish::Stop)
+            ])
         );
     }
 
@@ -191,9 +212,34 @@ mod tests {
             decode(&[b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n"]);
         assert_eq!(
             events,
-            Ok(vec![ChatEvent::Token("a".into()), ChatEvent::Done])
+            Ok(vec![
+                ChatEvent::Token("a".into()),
+                ChatEvent::Done(Finish::Stop)
+            ])
         );
         assert!(done);
+    }
+
+    #[test]
+    fn reasoning_content_and_a_length_finish() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"Let me think.\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"reasoning\":\" Ok.\",\"content\":null}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Paris\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\" is\"},\"finish_reason\":\"length\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        super::super::decode_tests::assert_same_at_every_split::<SseDecoder>(
+            stream.as_bytes(),
+            &[
+                ChatEvent::Reasoning("Let me think.".into()),
+                ChatEvent::Reasoning(" Ok.".into()),
+                ChatEvent::Token("Paris".into()),
+                ChatEvent::Token(" is".into()),
+                ChatEvent::Done(Finish::Length),
+            ],
+            13,
+        );
     }
 
     #[test]
