@@ -14,6 +14,7 @@ mod ops;
 mod qdrant;
 mod rag;
 mod reload;
+mod supervision;
 mod systemd;
 mod upgrade;
 

@@ -82,6 +82,9 @@ pub struct Launch<'a> {
     pub implicit_config: bool,
     /// Write no workers.toml at all (with `implicit_config`: built-in defaults).
     pub no_file: bool,
+    /// Start the master in a session of its own (as systemd does) instead of only a process
+    /// group: then the kernel does not SIGCONT its stopped workers when it dies.
+    pub new_session: bool,
 }
 
 /// A test-owned `NOTIFY_SOCKET`: the master's notify messages (`READY=1`, `RELOADING=1`, ...)
@@ -216,8 +219,21 @@ impl ServerProcess {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0);
+            .stderr(Stdio::piped());
+        if launch.new_session {
+            // SAFETY: setsid is async-signal-safe; the new session's group id is the pid, so
+            // `killpg` on drop still reaches the whole group.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        } else {
+            command.process_group(0);
+        }
         let mut child = command.spawn().expect("spawn ragpool");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
