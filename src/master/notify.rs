@@ -5,6 +5,10 @@
 //! once the new generation serves (so `Type=notify-reload` works); STOPPING=1 on shutdown;
 //! STATUS= one line for `systemctl status`; MAINPID= after a binary upgrade; WATCHDOG=1 at half
 //! of WATCHDOG_USEC, sent from the master loop, so a wedged loop stops petting the watchdog.
+//!
+//! A master pets on its first loop turn: after USR2 the old master stops petting once it drains,
+//! and a new master that waited half an interval first could leave systemd without a ping for
+//! longer than WatchdogSec across upgrades in quick succession.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
@@ -16,7 +20,8 @@ pub struct Notifier {
     socket: Option<(UnixDatagram, SocketAddr)>,
     /// Half of WATCHDOG_USEC, when the watchdog is on for this process.
     watchdog_every: Option<Duration>,
-    last_watchdog: Instant,
+    /// None until the first WATCHDOG=1.
+    last_watchdog: Option<Instant>,
 }
 
 impl Notifier {
@@ -43,7 +48,7 @@ impl Notifier {
         Notifier {
             socket,
             watchdog_every,
-            last_watchdog: Instant::now(),
+            last_watchdog: None,
         }
     }
 
@@ -90,17 +95,22 @@ impl Notifier {
     /// Pets the watchdog if half its interval has passed; called once per healthy loop turn.
     pub fn watchdog(&mut self) {
         if let Some(every) = self.watchdog_every {
-            if self.last_watchdog.elapsed() >= every {
+            if self
+                .last_watchdog
+                .is_none_or(|last| last.elapsed() >= every)
+            {
                 self.send("WATCHDOG=1");
-                self.last_watchdog = Instant::now();
+                self.last_watchdog = Some(Instant::now());
             }
         }
     }
 
     /// How long the loop may sleep without missing a watchdog deadline.
     pub fn max_sleep(&self) -> Option<Duration> {
-        self.watchdog_every
-            .map(|every| every.saturating_sub(self.last_watchdog.elapsed()))
+        self.watchdog_every.map(|every| match self.last_watchdog {
+            Some(last) => every.saturating_sub(last.elapsed()),
+            None => Duration::ZERO,
+        })
     }
 }
 

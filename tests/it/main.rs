@@ -16,6 +16,7 @@ mod rag;
 mod reload;
 mod supervision;
 mod systemd;
+mod systemd_real;
 mod upgrade;
 
 /// A workers.toml for tests: loopback, kernel-chosen port, the given extra lines.

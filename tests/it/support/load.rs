@@ -1,5 +1,6 @@
-//! A bounded load generator: threads sending `GET /health` on fresh connections until stopped
-//! (or until their hard time limit), counting successes and failures.
+//! A bounded load generator: threads sending a request (`GET /health` over TCP by default, or
+//! any probe: a unix socket, another network namespace) on fresh connections until stopped (or
+//! until their hard time limit), counting successes and failures.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,25 +27,36 @@ pub struct LoadReport {
     pub errors: Vec<String>,
 }
 
+/// One request of the load: what a thread sends each turn (its own connection and transport).
+pub type Probe = Box<dyn FnMut() -> std::io::Result<http::Response> + Send>;
+
 impl Load {
+    /// `threads` threads sending `GET /health` to the TCP address `addr`.
     pub fn start(addr: &str, threads: usize) -> Load {
+        let probes = (0..threads)
+            .map(|_| {
+                let addr = addr.to_string();
+                Box::new(move || http::get(&addr, "/health")) as Probe
+            })
+            .collect();
+        Load::start_with(probes)
+    }
+
+    /// One thread per probe, each sending its request until stopped; a 200 counts as success.
+    pub fn start_with(probes: Vec<Probe>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
-        let handles = (0..threads)
-            .map(|_| {
-                let (addr, stop, ok, failed, errors) = (
-                    addr.to_string(),
-                    stop.clone(),
-                    ok.clone(),
-                    failed.clone(),
-                    errors.clone(),
-                );
+        let handles = probes
+            .into_iter()
+            .map(|mut probe| {
+                let (stop, ok, failed, errors) =
+                    (stop.clone(), ok.clone(), failed.clone(), errors.clone());
                 std::thread::spawn(move || {
                     let started = Instant::now();
                     while !stop.load(Ordering::Relaxed) && started.elapsed() < HARD_LIMIT {
-                        match http::get(&addr, "/health") {
+                        match probe() {
                             Ok(r) if r.status == 200 => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
