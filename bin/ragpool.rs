@@ -234,6 +234,7 @@ fn ingest(source: ConfigSource, paths: &[PathBuf]) -> ExitCode {
     let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(ragpool::worker::BLOCKING_THREADS)
         .build()
     {
         Ok(runtime) => runtime,

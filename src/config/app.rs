@@ -38,6 +38,9 @@ pub struct StoreConfig {
     pub collection: String,
     pub api_key: Option<String>,
     pub distance: Distance,
+    /// Embedded store: threads (each with one SQLite connection) per process; calls beyond
+    /// them wait in line.
+    pub threads: usize,
 }
 
 /// The wire protocol of an embedding or generation server.
@@ -205,7 +208,20 @@ pub(super) fn store(v: &Values) -> Result<StoreConfig, ConfigError> {
             "euclid" => Distance::Euclid,
             _ => Distance::Cosine,
         },
+        threads: match v.int(&STORE_THREADS) {
+            0 => default_store_threads(),
+            n => n as usize,
+        },
     })
+}
+
+/// `[store] threads = 0`: one per CPU this process may use, at most 2 (SQLite queries are
+/// short; more threads buy little on a small box and each costs a connection).
+pub fn default_store_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 2)
 }
 
 pub(super) fn embed(v: &Values) -> Result<EmbedConfig, ConfigError> {

@@ -123,7 +123,7 @@ keys! {
         "plus up to this many more, at random per worker, so they do not all recycle at once";
     MAX_WORKER_MEMORY: "" "max_worker_memory", int(0, 0, MIB), "recycle a worker whose RSS exceeds this many MiB; 0 = never";
     WORKER_CONNECTIONS: "" "worker_connections", int(1000, 1, 1_000_000),
-        "concurrent connections per worker; beyond it a fast `503` with `Retry-After`";
+        "concurrent connections per worker; a full worker stops accepting (clients wait in the backlog or go to another worker), and on a shared listener each takes only its fair share";
     LIMIT_REQUEST_LINE: "" "limit_request_line", int(4094, 64, 65_536), "longest request line in bytes; beyond it `414`";
     LIMIT_REQUEST_FIELDS: "" "limit_request_fields", int(100, 1, 32_768), "most header fields; beyond it `431`";
     LIMIT_REQUEST_FIELD_SIZE: "" "limit_request_field_size", int(8190, 64, 65_536),
@@ -158,6 +158,8 @@ keys! {
     STORE_API_KEY: "store" "api_key", SECRET, "Qdrant API key";
     STORE_DISTANCE: "store" "distance", Kind::Choice { default: "cosine", choices: &["cosine", "dot", "euclid"] },
         "vector distance";
+    STORE_THREADS: "store" "threads", int(0, 0, 64),
+        "embedded store: a worker's fixed threads, one SQLite connection each (queries beyond them wait in line); 0 = one per CPU, at most 2";
 
     EMBED_PROVIDER: "embed" "provider", Kind::Choice { default: "none", choices: PROVIDERS },
         "embedding API: `ollama` (`/api/embed`), `openai` (`/v1/embeddings`), or `none` (lexical retrieval only)";

@@ -2,8 +2,13 @@
 //! to a request once hyper parsed its head is [`crate::http::service`]'s; this module only owns
 //! sockets: accepting, keep-alive idleness, closing and draining.
 //!
-//! Backpressure is explicit: at most `worker_connections` connections are served normally; the
-//! next ones get a fast `503` with `Retry-After` and are closed, instead of piling up.
+//! Backpressure is explicit: a worker holding `worker_connections` connections stops
+//! accepting until one closes; the next clients wait in the kernel's backlog (or are taken by
+//! another worker) instead of being accepted and held. On a shared listener a worker also
+//! stops while it holds more than its fair share of the pool's connections
+//! ([`super::balance`]), so a burst spreads over the workers instead of landing on whichever
+//! woke first. (Only connections still queued when a drain starts can exceed the limit; they
+//! get a fast `503` with `Retry-After`.)
 //!
 //! Drain (SIGTERM/SIGQUIT, or the master vanished): each accept loop stops waiting, accepts what
 //! the kernel already queued (so those clients are served, not reset), and drops its listener;
@@ -27,10 +32,13 @@ use crate::config::Config;
 use crate::http::access_log::AccessLog;
 use crate::http::service::{self, Conn, Server};
 use crate::http::{limits, App};
-use crate::scoreboard::{Slot, SlotState};
+use crate::scoreboard::{Scoreboard, Slot, SlotState};
 
 /// Pause after a failed `accept` (e.g. EMFILE) before trying again; never fatal.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// While above its fair share, a worker looks at the pool again this often (the others'
+/// counts change without telling it); its own closes wake it at once.
+const FAIR_SHARE_RECHECK: Duration = Duration::from_millis(5);
 
 /// The worker's signal streams, installed once its runtime exists.
 pub struct StopSignals {
@@ -57,12 +65,21 @@ pub struct Shared {
     slot: &'static Slot,
     /// The request path, shared by every connection.
     server: Rc<Server>,
+    /// The pool's slots: the other workers' connection counts, for the fair share.
+    board: &'static Scoreboard,
+    /// Whether the workers share listening sockets (not `reuse_port`): then the fair share
+    /// applies; with `reuse_port` the kernel spreads connections over per-worker sockets.
+    shared_listener: bool,
+    /// How old a peer's heartbeat may be for it to count as accepting.
+    stale_ms: u64,
     /// hyper's connection settings, built once from the config.
     http: http1::Builder,
     /// Connections open now: for `worker_connections` and to know when a drain is done.
     open: Cell<usize>,
     /// Woken when the last connection closes.
     all_closed: Notify,
+    /// Woken whenever a connection closes (an accept loop waiting for room).
+    closed: Notify,
     /// Flips to `true` once, to start the drain.
     stop: watch::Sender<bool>,
 }
@@ -80,22 +97,52 @@ impl Shared {
     pub fn new(
         config: Arc<Config>,
         slot: &'static Slot,
+        board: &'static Scoreboard,
         app: App,
         access_log: AccessLog,
     ) -> Rc<Shared> {
+        // Three missed beats: the peer is not running its event loop, so not accepting either.
+        let stale_ms = 3 * super::heartbeat::period(config.timeout).as_millis() as u64;
         Rc::new(Shared {
             http: limits::http1_builder(&config),
             server: Rc::new(Server::new(Arc::clone(&config), slot, app, access_log)),
+            shared_listener: !config.reuse_port,
+            stale_ms,
             config,
             slot,
+            board,
             open: Cell::new(0),
             all_closed: Notify::new(),
+            closed: Notify::new(),
             stop: watch::channel(false).0,
         })
     }
 
     pub fn stopper(self: &Rc<Self>) -> Stopper {
         Stopper(Rc::clone(self))
+    }
+
+    /// Returns once this worker may take another connection: below `worker_connections`, and
+    /// on a shared listener within its fair share of the pool's connections.
+    async fn room_to_accept(&self) {
+        loop {
+            // Created before the check: a close between the check and the await still wakes us.
+            let closed = self.closed.notified();
+            let open = self.open.get();
+            if open >= self.config.worker_connections {
+                closed.await;
+                continue;
+            }
+            if !self.shared_listener
+                || super::balance::may_accept(self.board, self.slot, open as u64, self.stale_ms)
+            {
+                return;
+            }
+            tokio::select! {
+                _ = closed => {}
+                _ = tokio::time::sleep(FAIR_SHARE_RECHECK) => {}
+            }
+        }
     }
 }
 
@@ -156,6 +203,12 @@ fn reopen_logs(shared: &Shared) {
 async fn accept_loop(listener: Listener, shared: Rc<Shared>) {
     let mut stop = shared.stop.subscribe();
     while !*stop.borrow_and_update() {
+        // Not polling the listener leaves new connections in the backlog for the other workers.
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            () = shared.room_to_accept() => {}
+        }
         tokio::select! {
             biased;
             _ = stop.changed() => break,
@@ -269,6 +322,7 @@ async fn serve_connection(
     }
     shared.slot.connection_closed();
     shared.open.set(shared.open.get() - 1);
+    shared.closed.notify_waiters();
     if shared.open.get() == 0 {
         shared.all_closed.notify_waiters();
     }

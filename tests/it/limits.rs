@@ -88,32 +88,3 @@ fn a_client_that_never_finishes_its_head_is_cut_off() {
         "cut off too early: {waited:?}"
     );
 }
-
-#[test]
-fn beyond_worker_connections_new_clients_get_a_fast_503() {
-    let server = ServerProcess::start(&config(1, "worker_connections = 2\nkeepalive = 30\n"));
-    let addr = server.addr();
-    // Two keep-alive connections that stay open after their first response.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut s = TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-            .unwrap();
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-        held.push(s);
-    }
-    let started = Instant::now();
-    let response = http::get(&addr, "/health").unwrap();
-    assert_eq!(response.status, 503);
-    assert_eq!(response.header("retry-after"), Some("1"));
-    assert!(started.elapsed() < Duration::from_secs(2));
-    drop(held);
-    assert!(crate::support::wait_until(Duration::from_secs(5), || {
-        http::get(&addr, "/health")
-            .map(|r| r.status == 200)
-            .unwrap_or(false)
-    }));
-}

@@ -14,6 +14,7 @@ mod ops;
 mod qdrant;
 mod rag;
 mod reload;
+mod scale;
 mod supervision;
 mod systemd;
 mod systemd_real;

@@ -33,18 +33,21 @@
 //!
 //! # Threads and fork
 //!
-//! Every call runs on tokio's blocking pool with a connection from a small per-process pool,
-//! so a 10-100 ms query never stalls a worker's event loop (and its heartbeat). Connections
-//! are opened lazily by the process that calls; the store remembers the pid that opened it
-//! and refuses to work in another one (a forked child must open its own).
+//! Every call runs on the store's own fixed [`Pool`] of `[store] threads` threads, each with
+//! one connection, so a 10-100 ms query never stalls a worker's event loop (and its
+//! heartbeat), and 1,000 concurrent questions use those few threads and connections (the
+//! rest wait in line) instead of a thread each. Connections are opened lazily, by the thread
+//! that first needs one, in the process that calls; the store remembers the pid that opened
+//! it and refuses to work in another one (a forked child must open its own).
 
 use std::ffi::{c_char, c_int};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rusqlite::{ffi, params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 
+use super::pool::{Pool, PoolError};
 use super::{now_unix, validate_document, StoreError};
 use crate::config::{Distance, StoreConfig};
 use crate::rag::text::Stems;
@@ -57,8 +60,6 @@ pub const FILE_NAME: &str = "ragpool.sqlite3";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `-wal` file is truncated to this size after a checkpoint that emptied it.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-/// Idle connections kept per process; a burst opens more, closed again when returned.
-const MAX_IDLE_CONNECTIONS: usize = 4;
 /// `PRAGMA user_version` of the schema below.
 const SCHEMA_VERSION: i64 = 1;
 /// sqlite-vec's largest `k` (`SQLITE_VEC_VEC0_K_MAX`).
@@ -168,20 +169,17 @@ struct VecMeta {
     metric: Metric,
 }
 
-/// The embedded store of one process. Cheap to share by reference; all state is shared with the blocking threads.
+/// The embedded store of one process. Cheap to share by reference.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
+    /// The threads (and their connections) every call runs on.
+    pool: Pool<Connection>,
 }
 
-/// What the blocking threads need: the file, the idle connections, the stemmer.
+/// What the pool's threads need besides their connection: the file, the stemmer, the metric.
 struct Shared {
     /// The database file: where connections open, and what errors name.
     path: PathBuf,
-    /// The process that opened the store; no other may use its connections.
-    pid: u32,
-    /// Idle connections, at most [`MAX_IDLE_CONNECTIONS`]; a call takes one (or opens one)
-    /// and gives it back, so concurrent calls never share a connection.
-    idle: Mutex<Vec<Connection>>,
     /// Index-time and query-time stems; built once per process.
     stems: Stems,
     /// The metric `chunks_vec` gets if this process creates it (from `[store] distance`).
@@ -195,32 +193,32 @@ impl EmbeddedStore {
         register_sqlite_vec()?;
         let dir = config.path.clone();
         let path = dir.join(FILE_NAME);
+        // A directory create is one syscall, like the stat that would check it: no thread hop.
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
+            path: dir.clone(),
+            source,
+        })?;
         let metric = Metric::from_config(config.distance);
         if config.distance == Distance::Dot {
             log::debug!("embedded store: distance \"dot\" is served as cosine");
         }
-        let store = tokio::task::spawn_blocking(move || -> Result<EmbeddedStore, StoreError> {
-            std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
-                path: dir.clone(),
-                source,
-            })?;
-            let mut conn = open_connection(&path)?;
-            switch_to_wal(&conn, &path)?;
-            create_schema(&mut conn, &path)?;
-            let shared = Shared {
-                path,
-                pid: std::process::id(),
-                idle: Mutex::new(vec![conn]),
-                stems: Stems::default(),
-                metric,
-            };
-            shared.warn_on_metric_change();
-            Ok(EmbeddedStore {
-                shared: Arc::new(shared),
+        let shared = Arc::new(Shared {
+            path,
+            stems: Stems::default(),
+            metric,
+        });
+        let store = EmbeddedStore {
+            shared,
+            pool: Pool::new("ragpool-store", config.threads),
+        };
+        store
+            .run(move |shared, conn| {
+                switch_to_wal(conn, &shared.path)?;
+                create_schema(conn, &shared.path)?;
+                shared.warn_on_metric_change(conn);
+                Ok(())
             })
-        })
-        .await
-        .map_err(StoreError::Task)??;
+            .await?;
         Ok(store)
     }
 
@@ -352,54 +350,34 @@ impl EmbeddedStore {
         .await
     }
 
-    /// Runs `f` with a connection of this process on tokio's blocking pool.
+    /// Runs `f` on the store's pool with that thread's connection (opened on first use).
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Shared, &mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = shared.checkout()?;
-            let result = f(&shared, &mut conn);
-            shared.checkin(conn);
-            result
-        })
-        .await
-        .map_err(StoreError::Task)?
+        self.pool
+            .run(move |slot: &mut Option<Connection>| {
+                let conn = match slot {
+                    Some(conn) => conn,
+                    None => slot.insert(open_connection(&shared.path)?),
+                };
+                f(&shared, conn)
+            })
+            .await
+            .map_err(|e| match e {
+                PoolError::ForeignProcess { owner, this } => StoreError::ForeignProcess {
+                    path: self.shared.path.clone(),
+                    opened_in: owner,
+                    used_in: this,
+                },
+                other => StoreError::Task(other),
+            })?
     }
 }
 
 impl Shared {
-    /// An idle connection, or a new one.
-    fn checkout(&self) -> Result<Connection, StoreError> {
-        let pid = std::process::id();
-        if pid != self.pid {
-            return Err(StoreError::ForeignProcess {
-                path: self.path.clone(),
-                opened_in: self.pid,
-                used_in: pid,
-            });
-        }
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        match idle {
-            Some(conn) => Ok(conn),
-            None => open_connection(&self.path),
-        }
-    }
-
-    /// Keeps a connection for the next call, or closes it when enough are idle.
-    fn checkin(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push(conn);
-        }
-    }
-
     fn sql_error(
         &self,
         action: &'static str,
@@ -514,9 +492,7 @@ impl Shared {
     }
 
     /// The metric of an existing `chunks_vec` wins over the config; say so when they differ.
-    fn warn_on_metric_change(&self) {
-        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(conn) = idle.last() else { return };
+    fn warn_on_metric_change(&self, conn: &Connection) {
         if let Ok(Some(meta)) = read_vec_meta(conn) {
             if meta.metric != self.metric {
                 log::warn!(
@@ -526,17 +502,6 @@ impl Shared {
                     self.metric.name()
                 );
             }
-        }
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if std::process::id() != self.pid {
-            // A copy inherited across fork: closing it would release the parent's locks and
-            // touch its WAL index. Leak it instead; the process owns nothing here.
-            let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(PoisonError::into_inner));
-            std::mem::forget(idle);
         }
     }
 }

@@ -19,14 +19,15 @@
 //! A `Store` is opened inside the process that uses it, after fork (in a worker, or in the
 //! `ragpool ingest` CLI). It never opens anything before that and must never be carried across
 //! a fork: the embedded store refuses to run in a process other than the one that opened it.
-//! Every call is `async` and keeps the event loop free: SQLite work runs on tokio's blocking
-//! pool, Qdrant work is network I/O.
+//! Every call is `async` and keeps the event loop free: SQLite work runs on the store's own
+//! fixed pool of threads ([`pool`], `[store] threads`), Qdrant work is network I/O.
 //!
 //! [`document_id`]: crate::rag::document_id
 //! [`Stems::stem_text`]: crate::rag::text::Stems::stem_text
 //! [`Stems::query_stems`]: crate::rag::text::Stems::query_stems
 
 pub mod embedded;
+pub mod pool;
 pub mod qdrant;
 #[cfg(test)]
 mod suite;
@@ -110,8 +111,8 @@ pub enum StoreError {
     DimensionMismatch { expected: usize, got: usize },
     #[error("cannot store document {document:?}: {detail}")]
     InvalidDocument { document: String, detail: String },
-    #[error("a background store task died: {0}")]
-    Task(#[source] tokio::task::JoinError),
+    #[error("a store call did not finish: {0}")]
+    Task(#[source] pool::PoolError),
 }
 
 impl Store {

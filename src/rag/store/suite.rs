@@ -78,6 +78,7 @@ impl Backend {
             collection: format!("ragpool_test_{test}_{}_{nanos}", std::process::id()),
             api_key: std::env::var("RAGPOOL_TEST_QDRANT_API_KEY").ok(),
             distance: Distance::Cosine,
+            threads: 2,
         };
         let store = Store::open(&config).await.expect("open the qdrant store");
         Some(Backend {
@@ -104,6 +105,7 @@ fn embedded_config(dir: &Path) -> StoreConfig {
         collection: "ragpool".into(),
         api_key: None,
         distance: Distance::Cosine,
+        threads: 2,
     }
 }
 
