@@ -4,8 +4,10 @@
 //! # Layout
 //!
 //! - [`config`]: `workers.toml` + `RAGPOOL_*` + flags -> a validated [`config::Config`].
-//! - [`master`]: the arbiter. Binds, forks (the only `fork` is in `master::spawn`), supervises,
-//!   handles signals. Single-threaded; never touches tokio, hyper or the app.
+//! - [`master`]: the arbiter. Binds, forks (the only worker `fork` is in `master::spawn`),
+//!   supervises, handles signals. Every decision is made by the pure `master::pool` core; the
+//!   rest is its effectful shell. Single-threaded; never imports `worker`, `http` or `rag` (the
+//!   binary hands it the worker's entry point), so it never touches tokio, hyper or the app.
 //! - [`scoreboard`]: shared memory between master and workers: heartbeats and counters.
 //! - [`worker`]: one tokio `current_thread` runtime per process serving HTTP/1.1 with hyper,
 //!   graceful drain, heartbeat.

@@ -584,3 +584,6 @@ fn send(pid: Pid, signal: Signal) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
