@@ -70,6 +70,15 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Internal: the sandboxed document parser. Reads one document on stdin, prints its text as
+    /// JSON; started by ragpool itself under resource limits.
+    #[command(hide = true)]
+    Extract {
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        max_text: usize,
+    },
 }
 
 const EXIT_CONFIG: u8 = 2;
@@ -99,6 +108,7 @@ fn main() -> ExitCode {
         Command::Ingest { config, paths } => {
             ingest(ConfigSource::new(config, Overrides::default()), &paths)
         }
+        Command::Extract { format, max_text } => extract(&format, max_text),
     }
 }
 
@@ -253,7 +263,7 @@ fn ingest(source: ConfigSource, paths: &[PathBuf]) -> ExitCode {
         };
         let mut counts = [0usize; 4]; // inserted, replaced, unchanged, failed
         for path in paths {
-            let files = match ragpool::rag::ingest::load_path(path) {
+            let files = match rag.extractor().load_path(path) {
                 Ok(files) => files,
                 Err(e) => {
                     eprintln!("failed     {}: {e}", path.display());
@@ -301,6 +311,18 @@ fn ingest(source: ConfigSource, paths: &[PathBuf]) -> ExitCode {
             ExitCode::FAILURE
         }
     })
+}
+
+/// `ragpool extract`: the helper side of the document sandbox (no config, no logger).
+fn extract(format: &str, max_text: usize) -> ExitCode {
+    let Some(format) = ragpool::rag::ingest::sandbox::parse_format_arg(format) else {
+        eprintln!("ragpool extract: unknown format {format:?}");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match ragpool::rag::ingest::sandbox::run_helper(format, max_text) {
+        0 => ExitCode::SUCCESS,
+        code => ExitCode::from(code as u8),
+    }
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -124,9 +124,17 @@ pub struct RagConfig {
     /// Passages retrieved per question (a request may ask for fewer or more, up to 50).
     pub top_k: usize,
     pub max_question_chars: usize,
-    /// Ingested on `ragpool serve` when the store is empty.
+    /// Ingested once in a store's life, on the first `ragpool serve` with a fresh store.
     pub docs_dir: PathBuf,
     pub ingest_docs_on_first_run: bool,
+    /// Wall-clock deadline of one HTML/PDF parse in its helper process.
+    pub extract_timeout: Duration,
+    /// CPU time a parse may use (`RLIMIT_CPU` of the helper).
+    pub extract_cpu: Duration,
+    /// Address space of the helper, bytes (`RLIMIT_AS`; configured in MiB).
+    pub extract_memory: u64,
+    /// Longest text extracted from one document, bytes (configured in MiB).
+    pub extract_max_text: usize,
 }
 
 pub const OLLAMA_URL: &str = "http://127.0.0.1:11434";
@@ -269,6 +277,10 @@ pub(super) fn rag(v: &Values) -> Result<RagConfig, ConfigError> {
         max_question_chars: v.int(&RAG_MAX_QUESTION_CHARS) as usize,
         docs_dir: PathBuf::from(v.text_or_default(&RAG_DOCS_DIR)),
         ingest_docs_on_first_run: v.flag(&RAG_INGEST_DOCS_ON_FIRST_RUN),
+        extract_timeout: v.seconds(&RAG_EXTRACT_TIMEOUT),
+        extract_cpu: v.seconds(&RAG_EXTRACT_CPU),
+        extract_memory: v.int(&RAG_EXTRACT_MEMORY) as u64 * 1024 * 1024,
+        extract_max_text: v.int(&RAG_EXTRACT_MAX_TEXT) as usize * 1024 * 1024,
     })
 }
 

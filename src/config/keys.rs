@@ -197,6 +197,11 @@ keys! {
     RAG_MAX_QUESTION_CHARS: "rag" "max_question_chars", int(2000, 10, 100_000), "longest question in characters";
     RAG_DOCS_DIR: "rag" "docs_dir", text("docs"), "ingested on a first start with an empty store";
     RAG_INGEST_DOCS_ON_FIRST_RUN: "rag" "ingest_docs_on_first_run", Kind::Bool { default: true }, "whether to do that";
+    RAG_EXTRACT_TIMEOUT: "rag" "extract_timeout", secs(60.0, 1.0, HOUR),
+        "seconds one HTML/PDF parse may take in its sandboxed helper process; past it `422`";
+    RAG_EXTRACT_CPU: "rag" "extract_cpu", secs(30.0, 1.0, HOUR), "CPU seconds of that parse (`RLIMIT_CPU`)";
+    RAG_EXTRACT_MEMORY: "rag" "extract_memory", int(1024, 128, MIB), "address space of that parse in MiB (`RLIMIT_AS`)";
+    RAG_EXTRACT_MAX_TEXT: "rag" "extract_max_text", int(16, 1, 1024), "largest text extracted from one document in MiB (any format); beyond it `422`";
 }
 
 /// The tables, in the order their keys are declared.

@@ -325,18 +325,8 @@ impl Api {
                 let bytes = field.bytes().await.map_err(|e| {
                     ApiError::new(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}"))
                 })?;
-                // Parsing (PDF above all) is CPU work: keep it off the event loop.
-                let loaded = tokio::task::spawn_blocking(move || {
-                    ingest::load_bytes(&name, &bytes, field_type.as_deref())
-                })
-                .await
-                .map_err(|e| {
-                    ApiError::internal(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "the document could not be parsed",
-                        &e,
-                    )
-                })?;
+                // Off the event loop; HTML and PDF in a sandboxed helper process.
+                let loaded = self.rag.load_upload(name, bytes, field_type).await;
                 documents.push(loaded?);
             }
             if documents.is_empty() {

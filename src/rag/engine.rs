@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::answer::{self, ExtractiveReason};
-use super::ingest::{self, IngestError, LoadedDocument};
+use super::ingest::{self, Extractor, IngestError, LoadedDocument};
 use super::llm::{ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, Role};
 use super::store::{Store, StoreError};
 use super::text::{detect_language, Stems};
@@ -136,6 +136,8 @@ pub struct Health {
 
 pub struct Rag {
     store: Store,
+    /// Parses uploads and files: HTML and PDF in a sandboxed helper process.
+    extractor: Extractor,
     embedder: Option<Embedder>,
     generator: Option<Generator>,
     stems: Stems,
@@ -165,6 +167,7 @@ impl Rag {
         })?;
         Ok(Rag {
             store,
+            extractor: Extractor::sandboxed(extract_limits(&config.rag)),
             embedder,
             generator,
             stems: Stems::default(),
@@ -188,6 +191,51 @@ impl Rag {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// How this process parses documents (for `ragpool ingest`, which walks folders itself).
+    pub fn extractor(&self) -> &Extractor {
+        &self.extractor
+    }
+
+    /// Parses an upload off the event loop (HTML and PDF in the sandbox): a bad or hostile file
+    /// is an [`IngestError`] naming what went wrong, never a dead or bloated worker.
+    pub async fn load_upload(
+        &self,
+        name: String,
+        bytes: bytes::Bytes,
+        content_type: Option<String>,
+    ) -> Result<LoadedDocument, IngestError> {
+        let extractor = self.extractor.clone();
+        let shown = name.clone();
+        tokio::task::spawn_blocking(move || {
+            extractor.load_bytes(&name, &bytes, content_type.as_deref())
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(IngestError::Malformed {
+                name: shown,
+                format: ingest::Format::Text,
+                reason: "the parsing task failed".into(),
+            })
+        })
+    }
+
+    /// Loads a file or folder off the event loop; one result per file.
+    pub async fn load_path(
+        &self,
+        path: std::path::PathBuf,
+    ) -> Result<Vec<Result<LoadedDocument, IngestError>>, IngestError> {
+        let extractor = self.extractor.clone();
+        let shown = path.display().to_string();
+        tokio::task::spawn_blocking(move || extractor.load_path(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(IngestError::Unreadable {
+                    name: shown,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
     }
 
     pub fn max_question_chars(&self) -> usize {
@@ -691,6 +739,18 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0
 }
 
+/// The sandbox's limits from `[rag] extract_*`; the stack is a fixed 8 MiB (what a thread gets
+/// by default, and far more than any sane document's nesting needs).
+pub fn extract_limits(config: &crate::config::RagConfig) -> ingest::Limits {
+    ingest::Limits {
+        memory: config.extract_memory,
+        cpu: config.extract_cpu,
+        timeout: config.extract_timeout,
+        max_text: config.extract_max_text,
+        ..ingest::Limits::default()
+    }
+}
+
 impl Rag {
     /// On a fresh install (empty store), ingests the operator's manual from `docs_dir` so the
     /// first question already has answers. One process does it: the one that takes the lock.
@@ -709,7 +769,7 @@ impl Rag {
         if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
             return;
         }
-        let files = match ingest::load_path(docs) {
+        let files = match self.load_path(docs.clone()).await {
             Ok(files) => files,
             Err(e) => {
                 log::warn!("first run: cannot read {}: {e}", docs.display());

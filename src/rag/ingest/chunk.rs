@@ -7,6 +7,16 @@
 //! with its heading repeated at the top of every piece. Other formats go through its
 //! `TextSplitter` (paragraphs, lines, sentences, words). Sizes are counted in characters
 //! (`char`s), so Cyrillic text gets as much room as Latin. It must not embed or store.
+//!
+//! # Linear time
+//!
+//! text-splitter looks at the rest of its input for every chunk it cuts, which is quadratic
+//! when nothing breaks the text up (800 KB without whitespace: seconds to minutes). So the
+//! splitters never see more than a window of [`WINDOW_CHUNKS`] chunks: the text is first cut
+//! into windows at the best boundary near each window's end (a blank line, else a line break,
+//! a sentence end, a space, or any character), each window is split on its own, and the work
+//! is proportional to the length of the text. A window boundary is where the splitter would
+//! cut anyway in normal prose (a paragraph); only the overlap across it is lost.
 
 use std::ops::Range;
 
@@ -15,6 +25,9 @@ use text_splitter::{Characters, ChunkConfig, MarkdownSplitter, TextSplitter};
 use super::{Format, LoadedDocument};
 use crate::config::RagConfig;
 
+/// How many chunks' worth of text a splitter sees at once.
+const WINDOW_CHUNKS: usize = 8;
+
 /// Splits a document into trimmed, non-empty chunks, in document order.
 pub fn chunk(doc: &LoadedDocument, config: &RagConfig) -> Vec<String> {
     let size = config.chunk_size.max(1);
@@ -22,7 +35,14 @@ pub fn chunk(doc: &LoadedDocument, config: &RagConfig) -> Vec<String> {
         Format::Markdown => chunk_markdown(&doc.text, size, config.chunk_overlap),
         Format::Text | Format::Html | Format::Pdf => {
             let splitter = TextSplitter::new(chunk_config(size, config.chunk_overlap));
-            splitter.chunks(&doc.text).map(str::to_string).collect()
+            windows(&doc.text, size * WINDOW_CHUNKS, config.chunk_overlap)
+                .flat_map(|window| {
+                    splitter
+                        .chunks(window)
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
         }
     };
     pieces
@@ -62,7 +82,90 @@ fn chunk_markdown(text: &str, size: usize, overlap: usize) -> Vec<String> {
 /// Sections that each fit: `MarkdownSplitter` packs as many whole ones per chunk as fit.
 fn pack_sections(run: &str, size: usize, overlap: usize, out: &mut Vec<String>) {
     let splitter = MarkdownSplitter::new(chunk_config(size, overlap));
-    out.extend(splitter.chunks(run).map(str::to_string));
+    for window in windows(run, size * WINDOW_CHUNKS, overlap) {
+        out.extend(splitter.chunks(window).map(str::to_string));
+    }
+}
+
+/// `text` cut into slices of at most `max_chars` characters, each ending at the best boundary
+/// in its second half (see the module doc), and each after the first starting up to `overlap`
+/// characters before the previous one ended (at a word start where there is one), so chunks
+/// keep their overlap across windows. Linear in the length of `text`; `overlap` must be below
+/// `max_chars / 2` (it is below the chunk size, and a window holds [`WINDOW_CHUNKS`] chunks).
+fn windows(text: &str, max_chars: usize, overlap: usize) -> impl Iterator<Item = &str> {
+    let max_chars = max_chars.max(2);
+    let overlap = overlap.min(max_chars / 2 - 1);
+    let mut rest = text;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done || rest.is_empty() {
+            return None;
+        }
+        // Byte offsets of the window's middle and end (`max_chars` characters in).
+        let mut indices = rest.char_indices().map(|(i, _)| i);
+        let Some(middle) = indices.nth(max_chars / 2) else {
+            done = true;
+            return Some(rest);
+        };
+        let Some(end) = indices.nth(max_chars - max_chars / 2 - 1) else {
+            done = true;
+            return Some(rest);
+        };
+        let tail = &rest[middle..end];
+        let (cut, boundary) = SEPARATORS
+            .iter()
+            .find_map(|sep| {
+                tail.rfind(sep)
+                    .map(|at| (middle + at + sep.len(), Boundary::Separator(sep)))
+            })
+            .or_else(|| {
+                tail.char_indices()
+                    .rev()
+                    .find(|(_, c)| c.is_whitespace())
+                    .map(|(at, c)| (middle + at + c.len_utf8(), Boundary::Word))
+            })
+            .unwrap_or((end, Boundary::Character));
+        let window = &rest[..cut];
+        rest = &rest[overlap_start(window, overlap, boundary)..];
+        Some(window)
+    })
+}
+
+/// Where windows are preferably cut, best first: paragraphs, lines, sentences.
+const SEPARATORS: [&str; 3] = ["\n\n", "\n", ". "];
+
+/// What a window was cut at, which is what its overlap with the next one starts at.
+#[derive(Clone, Copy)]
+enum Boundary {
+    Separator(&'static str),
+    Word,
+    Character,
+}
+
+/// Where the next window starts: at the earliest boundary of the kind the window was cut at
+/// within its last `overlap` characters (whole sentences or words, as the splitter overlaps),
+/// or at its end when none fits.
+fn overlap_start(window: &str, overlap: usize, boundary: Boundary) -> usize {
+    if overlap == 0 {
+        return window.len();
+    }
+    let back = window
+        .char_indices()
+        .rev()
+        .nth(overlap - 1)
+        .map_or(0, |(at, _)| at);
+    let stretch = &window[back..];
+    let start = match boundary {
+        Boundary::Separator(sep) => stretch.find(sep).map(|at| back + at + sep.len()),
+        Boundary::Word => stretch
+            .char_indices()
+            .find(|(_, c)| c.is_whitespace())
+            .map(|(at, c)| back + at + c.len_utf8()),
+        Boundary::Character => Some(back),
+    };
+    start
+        .filter(|&at| at < window.len())
+        .unwrap_or(window.len())
 }
 
 /// One section longer than a chunk: its body is split, and each piece starts with the heading.
@@ -78,22 +181,19 @@ fn split_long_section(
     // The heading heads every piece, unless it would leave less than half of the room for the
     // body: then the section is split whole, and only its first piece carries the heading.
     if heading.is_empty() || chars(&prefix) > size / 2 {
-        let splitter = MarkdownSplitter::new(chunk_config(size, overlap));
-        out.extend(
-            splitter
-                .chunks(&text[section.range.clone()])
-                .map(str::to_string),
-        );
+        pack_sections(&text[section.range.clone()], size, overlap, out);
         return;
     }
     let room = size - chars(&prefix);
     let splitter = MarkdownSplitter::new(chunk_config(room, overlap.min(room / 2)));
     let body = &text[section.body_start..section.range.end];
-    out.extend(
-        splitter
-            .chunks(body)
-            .map(|piece| format!("{prefix}{piece}")),
-    );
+    for window in windows(body, room * WINDOW_CHUNKS, overlap.min(room / 2)) {
+        out.extend(
+            splitter
+                .chunks(window)
+                .map(|piece| format!("{prefix}{piece}")),
+        );
+    }
 }
 
 /// A heading and the text up to the next heading (of any level), or the text before the first.

@@ -1,4 +1,5 @@
-//! Loading: paths, folder walks and uploads -> [`LoadedDocument`]s.
+//! Loading: paths, folder walks and uploads -> [`LoadedDocument`]s, as methods of the
+//! [`Extractor`] that parses them (in the sandbox when serving).
 //!
 //! Owns format detection (by extension, or by content type for uploads), the size limit
 //! ([`MAX_DOCUMENT_BYTES`], checked before reading), titles and the deterministic folder walk.
@@ -13,94 +14,136 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::extract;
-use super::{Format, IngestError, LoadedDocument, MAX_DOCUMENT_BYTES};
+use super::{Extractor, Format, IngestError, LoadedDocument, MAX_DOCUMENT_BYTES};
 
-/// Loads a file, or every supported file under a folder (recursively).
-///
-/// The outer error means `path` itself could not be read; inner results are per file, in walk
-/// order, so one bad file does not stop the others. A single file is loaded whatever its
-/// extension (an unsupported one is an inner error); a folder walk skips unsupported files.
-pub fn load_path(path: &Path) -> Result<Vec<Result<LoadedDocument, IngestError>>, IngestError> {
-    let meta = fs::metadata(path).map_err(|source| unreadable(path, source))?;
-    if !meta.is_dir() {
-        return Ok(vec![load_file(path)]);
-    }
-    let mut results = Vec::new();
-    walk(path, &mut results).map_err(|source| unreadable(path, source))?;
-    Ok(results)
-}
-
-/// Visits one folder. Errors reading `dir` itself are returned; errors below it become results.
-fn walk(dir: &Path, results: &mut Vec<Result<LoadedDocument, IngestError>>) -> std::io::Result<()> {
-    let mut entries: Vec<(std::ffi::OsString, PathBuf)> = fs::read_dir(dir)?
-        .map(|entry| entry.map(|e| (e.file_name(), e.path())))
-        .collect::<Result<_, _>>()?;
-    entries.sort();
-    for (file_name, path) in entries {
-        let shown = path.display();
-        if file_name.to_string_lossy().starts_with('.') {
-            log::info!("skipping {shown}: hidden");
-            continue;
+impl Extractor {
+    /// Loads a file, or every supported file under a folder (recursively).
+    ///
+    /// The outer error means `path` itself could not be read; inner results are per file, in walk
+    /// order, so one bad file does not stop the others. A single file is loaded whatever its
+    /// extension (an unsupported one is an inner error); a folder walk skips unsupported files.
+    pub fn load_path(
+        &self,
+        path: &Path,
+    ) -> Result<Vec<Result<LoadedDocument, IngestError>>, IngestError> {
+        let meta = fs::metadata(path).map_err(|source| unreadable(path, source))?;
+        if !meta.is_dir() {
+            return Ok(vec![self.load_file(path)]);
         }
-        let link = match fs::symlink_metadata(&path) {
-            Ok(meta) => meta.file_type().is_symlink(),
-            Err(source) => {
-                results.push(Err(unreadable(&path, source)));
+        let mut results = Vec::new();
+        self.walk(path, &mut results)
+            .map_err(|source| unreadable(path, source))?;
+        Ok(results)
+    }
+
+    /// Visits one folder. Errors reading `dir` itself are returned; errors below it become results.
+    fn walk(
+        &self,
+        dir: &Path,
+        results: &mut Vec<Result<LoadedDocument, IngestError>>,
+    ) -> std::io::Result<()> {
+        let mut entries: Vec<(std::ffi::OsString, PathBuf)> = fs::read_dir(dir)?
+            .map(|entry| entry.map(|e| (e.file_name(), e.path())))
+            .collect::<Result<_, _>>()?;
+        entries.sort();
+        for (file_name, path) in entries {
+            let shown = path.display();
+            if file_name.to_string_lossy().starts_with('.') {
+                log::info!("skipping {shown}: hidden");
                 continue;
             }
-        };
-        let meta = match fs::metadata(&path) {
-            Ok(meta) => meta,
-            Err(source) => {
-                results.push(Err(unreadable(&path, source)));
-                continue;
-            }
-        };
-        if meta.is_dir() {
-            if link {
-                log::info!("skipping {shown}: a symlinked folder (it could loop)");
-            } else if let Err(source) = walk(&path, results) {
-                results.push(Err(unreadable(&path, source)));
-            }
-        } else if !meta.is_file() {
-            log::info!("skipping {shown}: not a regular file");
-        } else if format_from_name(&path.to_string_lossy()).is_none() {
-            log::info!("skipping {shown}: unsupported type");
-        } else {
-            results.push(load_file(&path));
-        }
-    }
-    Ok(())
-}
-
-/// Loads one file; its extension decides the format. `source` is the path as given.
-pub fn load_file(path: &Path) -> Result<LoadedDocument, IngestError> {
-    let name = path.to_string_lossy().into_owned();
-    let Some(format) = format_from_name(&name) else {
-        return Err(unsupported(&name, describe_extension(&name)));
-    };
-    let bytes = read_limited(path)?;
-    build(&name, stem(&name), &bytes, format)
-}
-
-/// Loads an upload. The format comes from the file name's extension when it is one ragpool
-/// reads, else from the content type; `source` is the name.
-pub fn load_bytes(
-    name: &str,
-    bytes: &[u8],
-    content_type: Option<&str>,
-) -> Result<LoadedDocument, IngestError> {
-    let format = format_from_name(name)
-        .or_else(|| content_type.and_then(format_from_content_type))
-        .ok_or_else(|| {
-            let found = match content_type.map(essence).filter(|t| !t.is_empty()) {
-                Some(t) => format!("{}, content type {t}", describe_extension(name)),
-                None => describe_extension(name),
+            let link = match fs::symlink_metadata(&path) {
+                Ok(meta) => meta.file_type().is_symlink(),
+                Err(source) => {
+                    results.push(Err(unreadable(&path, source)));
+                    continue;
+                }
             };
-            unsupported(name, found)
-        })?;
-    check_size(name, bytes.len() as u64)?;
-    build(name, stem(name), bytes, format)
+            let meta = match fs::metadata(&path) {
+                Ok(meta) => meta,
+                Err(source) => {
+                    results.push(Err(unreadable(&path, source)));
+                    continue;
+                }
+            };
+            if meta.is_dir() {
+                if link {
+                    log::info!("skipping {shown}: a symlinked folder (it could loop)");
+                } else if let Err(source) = self.walk(&path, results) {
+                    results.push(Err(unreadable(&path, source)));
+                }
+            } else if !meta.is_file() {
+                log::info!("skipping {shown}: not a regular file");
+            } else if format_from_name(&path.to_string_lossy()).is_none() {
+                log::info!("skipping {shown}: unsupported type");
+            } else {
+                results.push(self.load_file(&path));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads one file; its extension decides the format. `source` is the path as given.
+    pub fn load_file(&self, path: &Path) -> Result<LoadedDocument, IngestError> {
+        let name = path.to_string_lossy().into_owned();
+        let Some(format) = format_from_name(&name) else {
+            return Err(unsupported(&name, describe_extension(&name)));
+        };
+        let bytes = read_limited(path)?;
+        self.build(&name, stem(&name), &bytes, format)
+    }
+
+    /// Loads an upload. The format comes from the file name's extension when it is one ragpool
+    /// reads, else from the content type; `source` is the name.
+    pub fn load_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<LoadedDocument, IngestError> {
+        let format = format_from_name(name)
+            .or_else(|| content_type.and_then(format_from_content_type))
+            .ok_or_else(|| {
+                let found = match content_type.map(essence).filter(|t| !t.is_empty()) {
+                    Some(t) => format!("{}, content type {t}", describe_extension(name)),
+                    None => describe_extension(name),
+                };
+                unsupported(name, found)
+            })?;
+        check_size(name, bytes.len() as u64)?;
+        self.build(name, stem(name), bytes, format)
+    }
+
+    /// Extracts the text of `bytes` in `format` and picks the title.
+    fn build(
+        &self,
+        name: &str,
+        fallback_title: String,
+        bytes: &[u8],
+        format: Format,
+    ) -> Result<LoadedDocument, IngestError> {
+        let (title, text) = self.text_of(name, bytes, format)?;
+        if text.trim().is_empty() {
+            return Err(IngestError::Empty {
+                name: name.to_string(),
+            });
+        }
+        let title = title
+            .or_else(|| Some(extract::collapse_whitespace(&fallback_title)))
+            .filter(|t| !t.is_empty())
+            .ok_or(IngestError::NoTitle)?;
+        // An upload without a name is known by its title.
+        let source = match name.trim() {
+            "" => title.clone(),
+            _ => name.to_string(),
+        };
+        Ok(LoadedDocument {
+            source,
+            title,
+            text,
+            format,
+        })
+    }
 }
 
 /// A JSON `{title, text}` upload: Markdown, `source` = the title. An empty title falls back to
@@ -121,44 +164,6 @@ pub fn from_text(title: &str, text: &str) -> Result<LoadedDocument, IngestError>
         title,
         text,
         format: Format::Markdown,
-    })
-}
-
-/// Extracts the text of `bytes` in `format` and picks the title.
-fn build(
-    name: &str,
-    fallback_title: String,
-    bytes: &[u8],
-    format: Format,
-) -> Result<LoadedDocument, IngestError> {
-    let (title, text) = match format {
-        Format::Markdown => {
-            let text = extract::decode_text(name, bytes)?;
-            (extract::markdown_title(&text), text)
-        }
-        Format::Text => (None, extract::decode_text(name, bytes)?),
-        Format::Html => extract::html(name, bytes)?,
-        Format::Pdf => extract::pdf(name, bytes)?,
-    };
-    if text.trim().is_empty() {
-        return Err(IngestError::Empty {
-            name: name.to_string(),
-        });
-    }
-    let title = title
-        .or_else(|| Some(extract::collapse_whitespace(&fallback_title)))
-        .filter(|t| !t.is_empty())
-        .ok_or(IngestError::NoTitle)?;
-    // An upload without a name is known by its title.
-    let source = match name.trim() {
-        "" => title.clone(),
-        _ => name.to_string(),
-    };
-    Ok(LoadedDocument {
-        source,
-        title,
-        text,
-        format,
     })
 }
 

@@ -11,16 +11,19 @@
 //! - `load`: paths, folder walks, uploads; format detection and the size limit
 //!   ([`load_path`], [`load_file`], [`load_bytes`], [`from_text`]).
 //! - `extract`: the bytes of one format -> title and text.
-//! - `chunk`: text -> chunks, Markdown-aware for Markdown ([`chunk()`]).
+//! - [`sandbox`]: HTML and PDF parsed in a helper process under limits ([`Extractor`]).
+//! - `chunk`: text -> chunks, Markdown-aware for Markdown ([`chunk()`]), in linear time.
 
 mod chunk;
 mod extract;
 mod load;
+pub mod sandbox;
 
 use std::fmt;
 
 pub use chunk::chunk;
-pub use load::{from_text, load_bytes, load_file, load_path};
+pub use load::from_text;
+pub use sandbox::{Extractor, Limits};
 
 /// Largest file or upload read, in bytes. Bigger ones are refused before being read.
 pub const MAX_DOCUMENT_BYTES: u64 = 50 * 1024 * 1024;
@@ -105,6 +108,18 @@ pub enum IngestError {
     TooLarge { name: String, size: u64, limit: u64 },
     #[error("the document has no title: give it one, or start its text with a `# ` heading")]
     NoTitle,
+    /// The parser hit a limit or crashed in its helper process (`reason` says which).
+    #[error("{name}: could not parse {format}: {reason}")]
+    Sandbox {
+        name: String,
+        format: Format,
+        reason: String,
+    },
+    #[error(
+        "{name}: the extracted text is larger than {limit} bytes (extract_max_text); \
+         split the document into smaller files"
+    )]
+    TextTooLarge { name: String, limit: usize },
 }
 
 #[cfg(test)]

@@ -14,7 +14,29 @@ fn rag_config(chunk_size: usize, chunk_overlap: usize) -> RagConfig {
         max_question_chars: 2000,
         docs_dir: PathBuf::from("docs"),
         ingest_docs_on_first_run: false,
+        extract_timeout: std::time::Duration::from_secs(60),
+        extract_cpu: std::time::Duration::from_secs(30),
+        extract_memory: 1 << 30,
+        extract_max_text: 16 << 20,
     }
+}
+
+// The parsers in this process: a unit-test binary has no `ragpool extract` to run (the
+// sandboxed path is tested end to end in tests/it/hostile_docs.rs).
+fn load_file(path: &Path) -> Result<LoadedDocument, IngestError> {
+    Extractor::in_process().load_file(path)
+}
+
+fn load_bytes(
+    name: &str,
+    bytes: &[u8],
+    content_type: Option<&str>,
+) -> Result<LoadedDocument, IngestError> {
+    Extractor::in_process().load_bytes(name, bytes, content_type)
+}
+
+fn load_path(path: &Path) -> Result<Vec<Result<LoadedDocument, IngestError>>, IngestError> {
+    Extractor::in_process().load_path(path)
 }
 
 fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
@@ -545,4 +567,87 @@ fn markdown_chunks_never_exceed_the_size() {
             > 2,
         "{chunks:#?}"
     );
+}
+
+#[test]
+fn text_without_whitespace_is_cut_into_full_chunks_covering_it() {
+    // 800 KB with nothing to split on: the case that was quadratic. Every chunk is full-sized
+    // (the windows cut at characters), nothing is lost, and consecutive chunks overlap.
+    let text = "a".repeat(800_000);
+    let chunks = chunk(&text_doc(&text), &rag_config(800, 100));
+    assert!(chunks.iter().all(|c| c.chars().count() <= 800));
+    let covered: usize = chunks.iter().map(|c| c.len()).sum();
+    assert!(covered >= text.len(), "{covered}");
+    // Overlap costs at most chunk_overlap per chunk.
+    assert!(chunks.len() <= 800_000 / 700 + 2, "{}", chunks.len());
+}
+
+#[test]
+fn long_prose_chunks_keep_their_overlap_across_windows() {
+    let text: String = (0..5000).map(|i| format!("word{i:05} ")).collect();
+    let chunks = chunk(&text_doc(&text), &rag_config(100, 30));
+    for pair in chunks.windows(2) {
+        let overlap = shared(&pair[0], &pair[1]);
+        assert!(overlap > 0 && overlap <= 30, "{overlap}: {pair:?}");
+    }
+    assert!(chunks.last().unwrap().ends_with("word04999"));
+}
+
+#[test]
+fn deeply_nested_html_is_flattened_and_keeps_its_text() {
+    let html = format!(
+        "<html><body>{}deep text{}<p>after</p></body></html>",
+        "<div>".repeat(100_000),
+        "</div>".repeat(100_000)
+    );
+    let flat = extract::flatten_html(&html, extract::MAX_HTML_DEPTH);
+    assert_eq!(flat.matches("<div>").count(), extract::MAX_HTML_DEPTH - 2);
+    assert_eq!(
+        flat.matches("<div>").count(),
+        flat.matches("</div>").count()
+    );
+    let doc = load_bytes("deep.html", html.as_bytes(), None).unwrap();
+    assert!(
+        doc.text.contains("deep text") && doc.text.contains("after"),
+        "{}",
+        doc.text
+    );
+}
+
+#[test]
+fn ordinary_html_is_not_touched_by_the_depth_cap() {
+    let html = "<html><head><title>T</title><script>if (a < b) { x('<div>') }</script></head>\
+                <body><ul><li>one<li>two</ul><p>a<p>b<p>c<br><img src=x><div class=\"a>b\">d</div>\
+                <!-- <div> --></body></html>";
+    assert!(matches!(
+        extract::flatten_html(html, 4),
+        std::borrow::Cow::Borrowed(_)
+    ));
+    // A thousand unclosed paragraphs are siblings, not a thousand levels.
+    let paragraphs = format!("<body>{}</body>", "<p>para".repeat(1000));
+    assert!(matches!(
+        extract::flatten_html(&paragraphs, 16),
+        std::borrow::Cow::Borrowed(_)
+    ));
+}
+
+#[test]
+fn pdf_text_past_the_cap_is_refused_naming_the_limit() {
+    let lines: Vec<String> = (0..50)
+        .map(|i| format!("Line {i} of a long report."))
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let extractor = Extractor::InProcess { max_text: 200 };
+    let err = extractor
+        .load_bytes("long.pdf", &tiny_pdf(&lines, None), None)
+        .unwrap_err();
+    assert!(
+        matches!(err, IngestError::TextTooLarge { limit: 200, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("extract_max_text"), "{err}");
+    let err = extractor
+        .load_bytes("long.txt", "x".repeat(201).as_bytes(), None)
+        .unwrap_err();
+    assert!(matches!(err, IngestError::TextTooLarge { .. }), "{err:?}");
 }
