@@ -552,21 +552,38 @@ mod tests {
     }
 
     /// The operator's manual (docs/en, docs/ru: ingested, so the app answers from it) has a
-    /// row for every top-level key, and no row for a key that is not declared.
+    /// row for every top-level key with its declared default, and no row for a key that is
+    /// not declared.
     #[test]
-    fn the_manual_lists_every_top_level_key() {
+    fn the_manual_lists_every_top_level_key_with_its_default() {
         for path in ["docs/en/configuration.md", "docs/ru/configuration.md"] {
             let text =
                 std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
             let mut listed = Vec::new();
             for row in text.lines().filter(|l| l.starts_with("| `")) {
-                let first = row.split('|').nth(1).unwrap_or_default();
-                for name in first.split('`').skip(1).step_by(2) {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                let names: Vec<&str> = cells[1].split('`').skip(1).step_by(2).collect();
+                // One default for all the row's keys, or one each ("0, 0", "100 / 8190").
+                let defaults: Vec<&str> = match names.len() {
+                    1 => vec![cells[2]],
+                    _ => cells[2].split([',', '/']).map(str::trim).collect(),
+                };
+                for (i, name) in names.iter().enumerate() {
+                    let Some(key) = find("", name) else {
+                        panic!("{path} lists `{name}`, which src/config/keys.rs does not declare");
+                    };
+                    let shown = defaults
+                        .get(i)
+                        .or(defaults.first())
+                        .unwrap_or(&"")
+                        .trim_matches('`');
+                    let want = to_toml(&key.kind.default_value());
+                    let none = ["none", "off", "нет", "выключен"];
                     assert!(
-                        find("", name).is_some(),
-                        "{path} lists `{name}`, which src/config/keys.rs does not declare"
+                        shown == want || (want == "\"\"" && none.contains(&shown)),
+                        "{path} says `{name}` defaults to {shown}, src/config/keys.rs to {want}"
                     );
-                    listed.push(name);
+                    listed.push(*name);
                 }
             }
             for key in ALL.iter().filter(|k| k.table.is_empty()) {
