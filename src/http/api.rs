@@ -5,7 +5,6 @@
 //! 415/422), so a bad request gets a clear JSON error, never a crash or a hang. What a public
 //! answer shows is decided here too: `/health` details and document paths only where trusted.
 
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -19,6 +18,7 @@ use tokio::sync::mpsc;
 use super::forwarded::Client;
 use super::limits::read_body;
 use super::routes::{BodyLimit, Endpoint, Route};
+use super::sources::PublicSources;
 use super::{full, json, ApiError, Body};
 use crate::config::{Config, MAX_TOP_K};
 use crate::rag::engine::{Answer, Event, Mode, Rag, Timings};
@@ -34,8 +34,8 @@ const EVENT_BUFFER: usize = 64;
 pub struct Api {
     pub rag: Rc<Rag>,
     pub admin_token: Option<String>,
-    /// `docs_dir`, absolute: document sources under it are shown relative to it.
-    pub docs_dir: PathBuf,
+    /// How document sources are shown in listings and answers.
+    pub sources: Rc<PublicSources>,
     /// The pool's shared scoreboard: `/metrics` and `/status` read it, answers record into
     /// this worker's slot.
     pub board: &'static Scoreboard,
@@ -173,7 +173,10 @@ impl Api {
                 super::metrics::observe(&self.slot.metrics, &event);
             }
             match event {
-                Event::Sources(sources) => answer.sources = sources,
+                Event::Sources(mut sources) => {
+                    self.sources.apply(&mut sources);
+                    answer.sources = sources;
+                }
                 Event::Queued { .. } => {}
                 Event::Reasoning(text) => answer.reasoning.push_str(&text),
                 Event::Token(text) => answer.answer.push_str(&text),
@@ -208,7 +211,7 @@ impl Api {
         let rag = Rc::clone(&self.rag);
         tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
         let metrics = self.config.metrics.then_some(&self.slot.metrics);
-        let mut response = Response::new(Body::events(rx, metrics));
+        let mut response = Response::new(Body::events(rx, metrics, Rc::clone(&self.sources)));
         let headers = response.headers_mut();
         headers.insert(
             CONTENT_TYPE,
@@ -273,7 +276,7 @@ impl Api {
     async fn list_documents(&self) -> Result<Response<Body>, ApiError> {
         let mut documents = self.rag.store().list_documents().await?;
         for document in &mut documents {
-            document.source = public_source(&document.source, &self.docs_dir);
+            document.source = self.sources.show(&document.source);
         }
         Ok(json(StatusCode::OK, &json!({ "documents": documents })))
     }
@@ -462,24 +465,6 @@ fn bearer_token<B>(request: &Request<B>) -> &str {
     }
 }
 
-/// A document's source as a public listing shows it: as ingested when relative (an upload's
-/// name, `docs/guide.md`); an absolute path relative to `docs_dir` when under it, else only
-/// its file name. The server's file layout is not the public's business.
-fn public_source(source: &str, docs_dir: &Path) -> String {
-    let path = Path::new(source);
-    if !path.is_absolute() {
-        return source.to_string();
-    }
-    if let Ok(rest) = path.strip_prefix(docs_dir) {
-        if !rest.as_os_str().is_empty() {
-            return rest.to_string_lossy().into_owned();
-        }
-    }
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -502,17 +487,5 @@ mod tests {
         for value in ["Basic ops", "Bearerops", "ops", ""] {
             assert_eq!(bearer_token(&with(value)), "", "{value:?}");
         }
-    }
-
-    #[test]
-    fn public_sources_are_never_absolute() {
-        let docs = Path::new("/srv/ragpool/docs");
-        assert_eq!(public_source("docs/guide.md", docs), "docs/guide.md");
-        assert_eq!(public_source("Backups", docs), "Backups");
-        assert_eq!(
-            public_source("/srv/ragpool/docs/en/guide.md", docs),
-            "en/guide.md"
-        );
-        assert_eq!(public_source("/home/ops/secret/notes.md", docs), "notes.md");
     }
 }

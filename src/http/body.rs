@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use super::service::RequestGuard;
+use super::sources::PublicSources;
 use crate::metrics::MetricCells;
 use crate::rag::engine::Event;
 
@@ -34,6 +36,8 @@ enum Kind {
         events: mpsc::Receiver<Event>,
         /// Where to count tokens, stage timings and upstream errors (None: metrics off).
         metrics: Option<&'static MetricCells>,
+        /// Sources are shown as the public may see them.
+        public: Rc<PublicSources>,
     },
 }
 
@@ -45,9 +49,17 @@ impl Body {
         }
     }
 
-    pub fn events(events: mpsc::Receiver<Event>, metrics: Option<&'static MetricCells>) -> Body {
+    pub fn events(
+        events: mpsc::Receiver<Event>,
+        metrics: Option<&'static MetricCells>,
+        public: Rc<PublicSources>,
+    ) -> Body {
         Body {
-            kind: Kind::Events { events, metrics },
+            kind: Kind::Events {
+                events,
+                metrics,
+                public,
+            },
             guard: None,
         }
     }
@@ -84,10 +96,17 @@ impl HttpBody for Body {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(Frame::data)),
-            Kind::Events { events, metrics } => events.poll_recv(cx).map(|event| {
-                event.map(|e| {
+            Kind::Events {
+                events,
+                metrics,
+                public,
+            } => events.poll_recv(cx).map(|event| {
+                event.map(|mut e| {
                     if let Some(cells) = metrics {
                         super::metrics::observe(cells, &e);
+                    }
+                    if let Event::Sources(sources) = &mut e {
+                        public.apply(sources);
                     }
                     Frame::data(super::sse::encode(&e))
                 })

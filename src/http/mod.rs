@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod service;
+pub mod sources;
 pub mod sse;
 
 use std::rc::Rc;
@@ -54,8 +55,7 @@ impl App {
         let rag = Rc::new(rag);
         Ok(App {
             api: api::Api {
-                docs_dir: std::path::absolute(&config.rag.docs_dir)
-                    .unwrap_or_else(|_| config.rag.docs_dir.clone()),
+                sources: Rc::new(sources::PublicSources::new(&config.rag.docs_dir)),
                 rag,
                 admin_token: config.admin_token.clone(),
                 board,

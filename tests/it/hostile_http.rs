@@ -320,7 +320,7 @@ fn the_bearer_scheme_is_case_insensitive() {
 }
 
 #[test]
-fn document_listings_never_show_absolute_server_paths() {
+fn listings_and_answers_never_show_absolute_server_paths() {
     let dir = tempfile::tempdir().unwrap();
     let docs = dir.path().join("manual");
     std::fs::create_dir_all(docs.join("en")).unwrap();
@@ -346,13 +346,30 @@ fn document_listings_never_show_absolute_server_paths() {
     );
     let documents: serde_json::Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(
-        documents["documents"][0]["source"], "en/reload.md",
+        documents["documents"][0]["source"], "manual/en/reload.md",
         "{listing}"
     );
+    let secret = dir.path().display().to_string();
+    assert!(!listing.contains(&secret), "{listing}");
+    // The sources of answers too, JSON and streamed.
+    let question = serde_json::json!({ "question": "how do I reload the workers?" });
+    let answer = http::post_json(&addr, "/api/ask", &question).unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        answer.json()["sources"][0]["source"],
+        "manual/en/reload.md",
+        "{}",
+        answer.body
+    );
+    let streamed = http::post_json(&addr, "/api/ask/stream", &question).unwrap();
     assert!(
-        !listing.contains(&dir.path().display().to_string()),
-        "{listing}"
+        streamed.body.contains("manual/en/reload.md"),
+        "{}",
+        streamed.body
     );
+    for body in [&answer.body, &streamed.body] {
+        assert!(!body.contains(&secret), "{body}");
+    }
 }
 
 /// One slow client: what it sends first, then one byte per tick forever.
