@@ -41,6 +41,9 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Also reach the configured LLM and embedding servers and check they have their models.
+        #[arg(long)]
+        online: bool,
     },
     /// Show the running pool: master, generation, and each worker (pid, state, requests, RSS).
     Status {
@@ -67,8 +70,11 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Files or folders (walked recursively).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "reembed")]
         paths: Vec<PathBuf>,
+        /// Fill in the vectors of documents stored without them (embedding failed then).
+        #[arg(long)]
+        reembed: bool,
     },
     /// Internal: the sandboxed document parser. Reads one document on stdin, prints its text as
     /// JSON; started by ragpool itself under resource limits.
@@ -87,7 +93,9 @@ const EXIT_BOOT: u8 = 3;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(ConfigSource::new(config, Overrides::default())),
+        Command::Check { config, online } => {
+            check(ConfigSource::new(config, Overrides::default()), online)
+        }
         Command::Serve {
             config,
             workers,
@@ -105,24 +113,68 @@ fn main() -> ExitCode {
             pid,
             Duration::from_secs(timeout),
         ),
-        Command::Ingest { config, paths } => {
-            ingest(ConfigSource::new(config, Overrides::default()), &paths)
-        }
+        Command::Ingest {
+            config,
+            paths,
+            reembed,
+        } => ingest(
+            ConfigSource::new(config, Overrides::default()),
+            &paths,
+            reembed,
+        ),
         Command::Extract { format, max_text } => extract(&format, max_text),
     }
 }
 
-fn check(source: ConfigSource) -> ExitCode {
+fn check(source: ConfigSource, online: bool) -> ExitCode {
     match config::load(&source) {
         Ok(config) => {
             print!("{}", config.to_toml());
             eprintln!("ragpool: configuration is valid");
+            if online {
+                return check_online(&config);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("ragpool: error: {e}");
             ExitCode::from(EXIT_CONFIG)
         }
+    }
+}
+
+/// `ragpool check --online`: one line per configured model server on stderr; exit 1 if any
+/// is unreachable or lacks its model.
+fn check_online(config: &config::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ragpool: error: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let probes = runtime.block_on(ragpool::rag::llm::probe_models(&config.llm, &config.embed));
+    let mut failed = false;
+    for probe in &probes {
+        let what = format!("[{}] {} at {}", probe.table, probe.model, probe.url);
+        match &probe.result {
+            Ok(()) => eprintln!("ragpool: {what}: ok"),
+            Err(e) => {
+                failed = true;
+                eprintln!("ragpool: {what}: {}", error_chain(e));
+            }
+        }
+    }
+    if probes.is_empty() {
+        eprintln!("ragpool: no LLM or embedding server configured: nothing to reach");
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -233,7 +285,7 @@ fn master_pid_from_pidfile(source: &ConfigSource) -> Option<i32> {
 
 /// `ragpool ingest`: its own process and runtime (never the master's), the same store as the
 /// workers; prints one line per document and exits 1 if any failed.
-fn ingest(source: ConfigSource, paths: &[PathBuf]) -> ExitCode {
+fn ingest(source: ConfigSource, paths: &[PathBuf], reembed: bool) -> ExitCode {
     let config = match config::load(&source) {
         Ok(config) => config,
         Err(e) => {
@@ -301,10 +353,24 @@ fn ingest(source: ConfigSource, paths: &[PathBuf]) -> ExitCode {
                 }
             }
         }
-        let [inserted, replaced, unchanged, failed] = counts;
-        println!(
-            "{inserted} inserted, {replaced} replaced, {unchanged} unchanged, {failed} failed"
-        );
+        let [inserted, replaced, unchanged, mut failed] = counts;
+        if !paths.is_empty() {
+            println!(
+                "{inserted} inserted, {replaced} replaced, {unchanged} unchanged, {failed} failed"
+            );
+        }
+        if reembed {
+            match rag.fill_missing_vectors().await {
+                Ok((filled, waiting)) => {
+                    println!("vectors filled in for {filled} documents, {waiting} still without");
+                    failed += waiting;
+                }
+                Err(e) => {
+                    eprintln!("failed     filling in vectors: {}", error_chain(&e));
+                    failed += 1;
+                }
+            }
+        }
         if failed == 0 {
             ExitCode::SUCCESS
         } else {

@@ -70,8 +70,9 @@ impl Api {
             Endpoint::Metrics => {
                 self.authorize_internal(&request, client)?;
                 let stats = self.rag.store().stats().await.ok();
+                let pending = self.rag.pending_vectors_cached().await;
                 let mut response =
-                    Response::new(full(super::metrics::prometheus(self.board, stats)));
+                    Response::new(full(super::metrics::prometheus(self.board, stats, pending)));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -117,6 +118,9 @@ impl Api {
         if health.llm.status != "ok" {
             down.push("llm");
         }
+        if health.embed.status == "down" {
+            down.push("embed");
+        }
         let status = if down.is_empty() { "ok" } else { "degraded" };
         let code = if health.store.status == "ok" {
             StatusCode::OK
@@ -132,7 +136,7 @@ impl Api {
                     "pid": std::process::id(),
                     "store": { "status": health.store.status },
                     "llm": { "status": health.llm.status },
-                    "embed": health.embed,
+                    "embed": { "status": health.embed.status },
                 }),
             );
         }
@@ -144,7 +148,8 @@ impl Api {
                 "pid": std::process::id(),
                 "store": { "backend": health.store_backend, "status": health.store.status,
                            "detail": health.store.detail, "documents": health.stats.map(|s| s.documents),
-                           "chunks": health.stats.map(|s| s.chunks) },
+                           "chunks": health.stats.map(|s| s.chunks),
+                           "pending_vectors": health.pending_vectors },
                 "llm": health.llm,
                 "embed": health.embed,
             }),

@@ -51,8 +51,13 @@ fn state_name(state: SlotState) -> &'static str {
     }
 }
 
-/// The exposition. `store` is None when the store could not be counted.
-pub fn prometheus(board: &Scoreboard, store: Option<StoreStats>) -> String {
+/// The exposition. `store` is None when the store could not be counted; `pending_vectors`
+/// (documents stored without vectors, waiting for them) when it could not be listed.
+pub fn prometheus(
+    board: &Scoreboard,
+    store: Option<StoreStats>,
+    pending_vectors: Option<u64>,
+) -> String {
     let (totals, workers) = board.snapshot();
     let header = board.header();
     let info = header.info();
@@ -242,6 +247,15 @@ pub fn prometheus(board: &Scoreboard, store: Option<StoreStats>) -> String {
             "Chunks in the store.",
         );
         let _ = writeln!(out, "ragpool_store_chunks {}", stats.chunks);
+    }
+    if let Some(pending) = pending_vectors {
+        family(
+            &mut out,
+            "ragpool_store_documents_pending_vectors",
+            "gauge",
+            "Documents stored for lexical search whose vectors are still to be filled in.",
+        );
+        let _ = writeln!(out, "ragpool_store_documents_pending_vectors {pending}");
     }
     out
 }

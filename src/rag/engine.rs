@@ -22,6 +22,16 @@ use crate::config::{Config, Provider, MAX_TOP_K};
 
 /// How long a reachability probe of the LLM is trusted, so `/health` does not hit Ollama per call.
 const LLM_STATUS_TTL: Duration = Duration::from_secs(5);
+/// How long a check of the embedding model is trusted.
+const EMBED_STATUS_TTL: Duration = Duration::from_secs(5);
+/// How long the count of documents waiting for vectors is reused (it lists the documents).
+const PENDING_STATUS_TTL: Duration = Duration::from_secs(10);
+/// Bound on the embedding model check behind /health.
+const EMBED_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Marks a stored document's content hash when its chunks have no vectors because embedding
+/// failed: lexical search finds it now, and its vectors are filled in later (on the next
+/// start or by `ragpool ingest --reembed`). A re-ingest sees a different hash and redoes it.
+const PENDING_VECTORS: &str = "pending-vectors:";
 /// How long a store count is reused by /health.
 const STORE_STATUS_TTL: Duration = Duration::from_secs(1);
 /// Longest snippet shown with a source.
@@ -123,6 +133,23 @@ pub struct ComponentHealth {
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The configured model, for the LLM and the embedder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl ComponentHealth {
+    fn of(result: Result<(), String>, model: Option<&str>) -> ComponentHealth {
+        let (status, detail) = match result {
+            Ok(()) => ("ok", None),
+            Err(e) => ("down", Some(e)),
+        };
+        ComponentHealth {
+            status,
+            detail,
+            model: model.map(str::to_string),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -131,7 +158,10 @@ pub struct Health {
     pub store_backend: &'static str,
     pub stats: Option<StoreStats>,
     pub llm: ComponentHealth,
-    pub embed: &'static str,
+    pub embed: ComponentHealth,
+    /// Documents stored for lexical search whose vectors are still to be filled in (embedding
+    /// failed when they were ingested); `None` without an embedding model or when unknown.
+    pub pending_vectors: Option<u64>,
 }
 
 pub struct Rag {
@@ -150,8 +180,12 @@ pub struct Rag {
     gate: Option<Box<dyn GenerationGate>>,
     /// The last store count for /health: when, and what it said.
     store_probe: TtlCache<Result<StoreStats, String>>,
-    /// The last LLM probe: when, and whether it answered.
+    /// The last LLM probe: when, and whether the server has the model.
     llm_probe: TtlCache<Result<(), String>>,
+    /// The last embedding model check.
+    embed_probe: TtlCache<Result<(), String>>,
+    /// Documents stored without vectors (embedding failed), for /health and /metrics.
+    pending_probe: TtlCache<Option<u64>>,
 }
 
 impl Rag {
@@ -180,6 +214,8 @@ impl Rag {
             think: config.llm.think,
             llm_probe: TtlCache::new(LLM_STATUS_TTL),
             store_probe: TtlCache::new(STORE_STATUS_TTL),
+            embed_probe: TtlCache::new(EMBED_STATUS_TTL),
+            pending_probe: TtlCache::new(PENDING_STATUS_TTL),
             gate: None,
         })
     }
@@ -251,7 +287,14 @@ impl Rag {
     /// Chunks, embeds and stores one document; an unchanged one costs one hash lookup.
     pub async fn ingest(&self, doc: LoadedDocument) -> Result<UpsertOutcome, RagError> {
         let hash = content_hash(&doc.text);
-        if self.store.document_hash(&doc.source).await?.as_deref() == Some(hash.as_str()) {
+        let stored = self.store.document_hash(&doc.source).await?;
+        let unchanged = match stored.as_deref() {
+            Some(h) if h == hash => true,
+            // Stored without vectors: unchanged only while there is no model to fill them in.
+            Some(h) => self.embedder.is_none() && h.strip_prefix(PENDING_VECTORS) == Some(&hash),
+            None => false,
+        };
+        if unchanged {
             return Ok(UpsertOutcome::Unchanged(document_id(&doc.source)));
         }
         // Chunking a large document is CPU work: off the event loop, so the heartbeat keeps beating.
@@ -268,9 +311,20 @@ impl Rag {
         if pieces.is_empty() {
             return Err(RagError::Empty(doc.source));
         }
-        let embeddings = match &self.embedder {
-            Some(embedder) => Some(embedder.embed(&pieces).await.map_err(RagError::Embed)?),
-            None => None,
+        let (embeddings, content_hash) = match &self.embedder {
+            None => (None, hash),
+            Some(embedder) => match embedder.embed(&pieces).await {
+                Ok(vectors) => (Some(vectors), hash),
+                // Still stored for lexical search; the vectors are filled in later.
+                Err(e) => {
+                    log::warn!(
+                        "{}: stored without vectors (lexical search only until they are filled in): embedding failed: {e}",
+                        doc.source
+                    );
+                    self.pending_probe.clear();
+                    (None, format!("{PENDING_VECTORS}{hash}"))
+                }
+            },
         };
         let chunks = pieces
             .into_iter()
@@ -286,11 +340,85 @@ impl Rag {
             .upsert_document(NewDocument {
                 source: doc.source,
                 title: doc.title,
-                content_hash: hash,
+                content_hash,
                 chunks,
             })
             .await?;
         Ok(outcome)
+    }
+
+    /// Documents stored without vectors, waiting for them (0 without an embedding model).
+    pub async fn pending_vectors(&self) -> Result<u64, RagError> {
+        if self.embedder.is_none() {
+            return Ok(0);
+        }
+        let documents = self.store.list_documents().await?;
+        Ok(documents
+            .iter()
+            .filter(|d| d.content_hash.starts_with(PENDING_VECTORS))
+            .count() as u64)
+    }
+
+    /// [`Rag::pending_vectors`] at most once per [`PENDING_STATUS_TTL`] (it lists every
+    /// document), for `/health` and `/metrics`; `None` without an embedding model.
+    pub async fn pending_vectors_cached(&self) -> Option<u64> {
+        self.embedder.as_ref()?;
+        self.pending_probe
+            .get_or_refresh(|| async { self.pending_vectors().await.ok() })
+            .await
+    }
+
+    /// Fills in the vectors of documents stored without them, re-reading each from its file:
+    /// (filled, still waiting). A document that is not a readable file (an HTTP upload) waits
+    /// until it is uploaded again. Nothing to do without an embedding model.
+    pub async fn fill_missing_vectors(&self) -> Result<(usize, usize), RagError> {
+        if self.embedder.is_none() {
+            return Ok((0, 0));
+        }
+        let pending: Vec<String> = self
+            .store
+            .list_documents()
+            .await?
+            .into_iter()
+            .filter(|d| d.content_hash.starts_with(PENDING_VECTORS))
+            .map(|d| d.source)
+            .collect();
+        let (mut filled, mut waiting) = (0, 0);
+        for source in pending {
+            let path = std::path::PathBuf::from(&source);
+            let files = match path.is_file() {
+                true => Some(self.load_path(path).await),
+                false => None,
+            };
+            let loaded = match files {
+                Some(Ok(mut files)) if files.len() == 1 => files.remove(0).map_err(RagError::from),
+                _ => {
+                    log::warn!(
+                        "{source}: still without vectors: not a readable file (upload it again)"
+                    );
+                    waiting += 1;
+                    continue;
+                }
+            };
+            let stored = match loaded {
+                Ok(doc) => self.ingest(doc).await,
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(_) if self.is_pending(&source).await => waiting += 1,
+                Ok(_) => filled += 1,
+                Err(e) => {
+                    log::warn!("{source}: still without vectors: {e}");
+                    waiting += 1;
+                }
+            }
+        }
+        self.pending_probe.clear();
+        Ok((filled, waiting))
+    }
+
+    async fn is_pending(&self, source: &str) -> bool {
+        matches!(self.store.document_hash(source).await, Ok(Some(h)) if h.starts_with(PENDING_VECTORS))
     }
 
     // ----- ask -----------------------------------------------------------------------------
@@ -551,47 +679,46 @@ impl Rag {
             .store_probe
             .get_or_refresh(|| async { self.store.stats().await.map_err(|e| e.to_string()) })
             .await;
-        let (store, stats) = match counted {
-            Ok(stats) => (
-                ComponentHealth {
-                    status: "ok",
-                    detail: None,
-                },
-                Some(stats),
-            ),
-            Err(e) => (
-                ComponentHealth {
-                    status: "down",
-                    detail: Some(e),
-                },
-                None,
-            ),
-        };
+        let stats = counted.as_ref().ok().copied();
+        let store = ComponentHealth::of(counted.map(|_| ()), None);
         let llm = match &self.generator {
             None => ComponentHealth {
                 status: "none",
                 detail: Some("no LLM configured: answers are extractive".into()),
+                model: None,
             },
             Some(generator) => {
                 let result = self
                     .llm_probe
-                    .get_or_refresh(|| async { generator.ping().await.map_err(|e| e.to_string()) })
+                    .get_or_refresh(|| async {
+                        generator.check_model().await.map_err(|e| e.to_string())
+                    })
                     .await;
-                match result {
-                    Ok(()) => ComponentHealth {
-                        status: "ok",
-                        detail: None,
-                    },
-                    Err(e) => ComponentHealth {
-                        status: "down",
-                        detail: Some(e),
-                    },
-                }
+                ComponentHealth::of(result, Some(generator.model()))
             }
         };
-        let embed = match &self.embedder {
-            None => "none",
-            Some(_) => "configured",
+        let (embed, pending_vectors) = match &self.embedder {
+            None => (
+                ComponentHealth {
+                    status: "none",
+                    detail: Some("no embedding model configured: lexical retrieval only".into()),
+                    model: None,
+                },
+                None,
+            ),
+            Some(embedder) => {
+                let result = self
+                    .embed_probe
+                    .get_or_refresh(|| async {
+                        embedder
+                            .check_model(EMBED_CHECK_TIMEOUT)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                    .await;
+                let pending = self.pending_vectors_cached().await;
+                (ComponentHealth::of(result, Some(embedder.model())), pending)
+            }
         };
         Health {
             store,
@@ -599,6 +726,7 @@ impl Rag {
             stats,
             llm,
             embed,
+            pending_vectors,
         }
     }
 }
@@ -620,6 +748,11 @@ impl<T: Clone> TtlCache<T> {
 
     fn put(&self, value: T) {
         *self.last.borrow_mut() = Some((Instant::now(), value));
+    }
+
+    /// Forgets the value: the next read refreshes it.
+    fn clear(&self) {
+        *self.last.borrow_mut() = None;
     }
 
     fn fresh(&self) -> Option<T> {
@@ -754,26 +887,48 @@ pub fn extract_limits(config: &crate::config::RagConfig) -> ingest::Limits {
 impl Rag {
     /// On a fresh install (empty store), ingests the operator's manual from `docs_dir` so the
     /// first question already has answers. One process does it: the one that takes the lock.
+    ///
+    /// On a later start, the same process fills in the vectors of documents stored without
+    /// them (see [`Rag::fill_missing_vectors`]).
     pub async fn ingest_docs_on_first_run(&self, config: &Config) {
-        let docs = &self.config.docs_dir;
-        if !self.config.ingest_docs_on_first_run || !docs.is_dir() {
+        if self.ingest_manual_if_empty(config).await {
             return;
         }
-        if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
+        if !matches!(self.pending_vectors().await, Ok(n) if n > 0) {
             return;
         }
         let Some(_lock) = FirstRunLock::try_take(&config.store.path) else {
             return;
         };
+        match self.fill_missing_vectors().await {
+            Ok((filled, waiting)) => log::info!(
+                "start: filled in the vectors of {filled} documents ({waiting} still without)"
+            ),
+            Err(e) => log::warn!("start: cannot fill in missing vectors: {e}"),
+        }
+    }
+
+    /// The first-run ingest; true when it ran (this process took the lock on an empty store).
+    async fn ingest_manual_if_empty(&self, config: &Config) -> bool {
+        let docs = &self.config.docs_dir;
+        if !self.config.ingest_docs_on_first_run || !docs.is_dir() {
+            return false;
+        }
+        if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
+            return false;
+        }
+        let Some(_lock) = FirstRunLock::try_take(&config.store.path) else {
+            return false;
+        };
         // Another process may have finished while we waited for nothing: look again.
         if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
-            return;
+            return false;
         }
         let files = match self.load_path(docs.clone()).await {
             Ok(files) => files,
             Err(e) => {
                 log::warn!("first run: cannot read {}: {e}", docs.display());
-                return;
+                return false;
             }
         };
         let (mut stored, mut failed) = (0, 0);
@@ -796,6 +951,7 @@ impl Rag {
             "first run: ingested {stored} documents from {} ({failed} failed)",
             docs.display()
         );
+        true
     }
 }
 

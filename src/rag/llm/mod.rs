@@ -242,6 +242,57 @@ pub(crate) fn says_model_missing(status: u16, message: &str) -> bool {
         && (m.contains("not found") || m.contains("does not exist"))
 }
 
+/// One configured model server, probed (for `ragpool check --online`).
+#[derive(Debug)]
+pub struct ModelProbe {
+    /// `"llm"` or `"embed"`: the table it comes from.
+    pub table: &'static str,
+    pub url: String,
+    pub model: String,
+    /// Reachable and has the model, or why not.
+    pub result: Result<(), LlmError>,
+}
+
+/// Probes the configured generation and embedding servers: does each answer, and does it have
+/// its model? A provider of `"none"` is left out. Each probe is bounded like `/health`'s.
+pub async fn probe_models(
+    llm: &crate::config::app::LlmConfig,
+    embed: &crate::config::app::EmbedConfig,
+) -> Vec<ModelProbe> {
+    let mut probes = Vec::new();
+    match Generator::new(llm) {
+        Ok(None) => {}
+        Ok(Some(generator)) => probes.push(ModelProbe {
+            table: "llm",
+            url: llm.url.clone(),
+            model: llm.model.clone(),
+            result: generator.check_model().await,
+        }),
+        Err(e) => probes.push(ModelProbe {
+            table: "llm",
+            url: llm.url.clone(),
+            model: llm.model.clone(),
+            result: Err(e),
+        }),
+    }
+    match Embedder::new(embed) {
+        Ok(None) => {}
+        Ok(Some(embedder)) => probes.push(ModelProbe {
+            table: "embed",
+            url: embed.url.clone(),
+            model: embed.model.clone(),
+            result: embedder.check_model(embed.timeout).await,
+        }),
+        Err(e) => probes.push(ModelProbe {
+            table: "embed",
+            url: embed.url.clone(),
+            model: embed.model.clone(),
+            result: Err(e),
+        }),
+    }
+    probes
+}
+
 /// Who says a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
