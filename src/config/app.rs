@@ -33,14 +33,20 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     /// Data directory (embedded store file: `<path>/ragpool.sqlite3`).
     pub path: PathBuf,
-    /// Qdrant gRPC URL.
-    pub url: String,
+    /// Qdrant gRPC URLs: one server, or nodes of one cluster (any of them serves every
+    /// request; the next is tried when one does not answer).
+    pub urls: Vec<String>,
     pub collection: String,
     pub api_key: Option<String>,
     pub distance: Distance,
     /// Embedded store: threads (each with one SQLite connection) per process; calls beyond
     /// them wait in line.
     pub threads: usize,
+    /// For a collection ragpool creates: shards (0 = Qdrant's default, one per node),
+    /// copies of each shard, and how many copies must apply a write before it succeeds.
+    pub shard_number: usize,
+    pub replication_factor: usize,
+    pub write_consistency_factor: usize,
 }
 
 /// The wire protocol of an embedding or generation server.
@@ -201,14 +207,50 @@ fn url(v: &Values, key: &Key) -> Result<String, ConfigError> {
     Ok(u.trim_end_matches('/').to_string())
 }
 
+/// The Qdrant URLs: at least one, each http(s).
+fn qdrant_urls(v: &Values) -> Result<Vec<String>, ConfigError> {
+    let urls: Vec<&String> = v
+        .list(&STORE_URL)
+        .iter()
+        .filter(|u| !u.trim().is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(v.invalid(&STORE_URL, "the list of Qdrant URLs is empty"));
+    }
+    urls.into_iter()
+        .map(|u| {
+            let u = u.trim();
+            if u.starts_with("http://") || u.starts_with("https://") {
+                Ok(u.trim_end_matches('/').to_string())
+            } else {
+                Err(v.invalid(
+                    &STORE_URL,
+                    format!("\"{u}\" must start with http:// or https://"),
+                ))
+            }
+        })
+        .collect()
+}
+
 pub(super) fn store(v: &Values) -> Result<StoreConfig, ConfigError> {
+    let replication_factor = v.int(&STORE_REPLICATION_FACTOR) as usize;
+    let write_consistency_factor = v.int(&STORE_WRITE_CONSISTENCY_FACTOR) as usize;
+    if write_consistency_factor > replication_factor {
+        return Err(v.invalid(
+            &STORE_WRITE_CONSISTENCY_FACTOR,
+            format!(
+                "{write_consistency_factor} is more than replication_factor \
+                 ({replication_factor}): no write could ever succeed"
+            ),
+        ));
+    }
     Ok(StoreConfig {
         backend: match v.text(&STORE_BACKEND) {
             "qdrant" => StoreBackend::Qdrant,
             _ => StoreBackend::Embedded,
         },
         path: PathBuf::from(v.text_or_default(&STORE_PATH)),
-        url: url(v, &STORE_URL)?,
+        urls: qdrant_urls(v)?,
         collection: v.text_or_default(&STORE_COLLECTION),
         api_key: v.optional(&STORE_API_KEY),
         distance: match v.text(&STORE_DISTANCE) {
@@ -220,6 +262,9 @@ pub(super) fn store(v: &Values) -> Result<StoreConfig, ConfigError> {
             0 => default_store_threads(),
             n => n as usize,
         },
+        shard_number: v.int(&STORE_SHARD_NUMBER) as usize,
+        replication_factor,
+        write_consistency_factor,
     })
 }
 

@@ -153,13 +153,20 @@ keys! {
     STORE_BACKEND: "store" "backend", Kind::Choice { default: "embedded", choices: &["embedded", "qdrant"] },
         "`embedded`: SQLite under `path`; `qdrant`: a Qdrant server at `url`";
     STORE_PATH: "store" "path", text("data"), "data directory of the embedded store";
-    STORE_URL: "store" "url", text(super::app::QDRANT_URL), "Qdrant's gRPC URL";
+    STORE_URL: "store" "url", Kind::List { default: &[super::app::QDRANT_URL] },
+        "Qdrant's gRPC URL, or a list of a cluster's nodes (tried in turn while one does not answer)";
     STORE_COLLECTION: "store" "collection", text("ragpool"), "Qdrant collection";
     STORE_API_KEY: "store" "api_key", SECRET, "Qdrant API key";
     STORE_DISTANCE: "store" "distance", Kind::Choice { default: "cosine", choices: &["cosine", "dot", "euclid"] },
         "vector distance";
     STORE_THREADS: "store" "threads", int(0, 0, 64),
         "embedded store: a worker's fixed threads, one SQLite connection each (queries beyond them wait in line); 0 = one per CPU, at most 2";
+    STORE_SHARD_NUMBER: "store" "shard_number", int(0, 0, 1024),
+        "shards of a Qdrant collection ragpool creates; 0 = Qdrant's default (one per node)";
+    STORE_REPLICATION_FACTOR: "store" "replication_factor", int(1, 1, 64),
+        "copies of each shard on a Qdrant cluster (2 survives the loss of a node)";
+    STORE_WRITE_CONSISTENCY_FACTOR: "store" "write_consistency_factor", int(1, 1, 64),
+        "copies that must apply a write before it succeeds (at most `replication_factor`)";
 
     EMBED_PROVIDER: "embed" "provider", Kind::Choice { default: "none", choices: PROVIDERS },
         "embedding API: `ollama` (`/api/embed`), `openai` (`/v1/embeddings`), or `none` (lexical retrieval only)";

@@ -390,6 +390,44 @@ mod tests {
     }
 
     #[test]
+    fn store_takes_a_list_of_qdrant_nodes_and_a_cluster_layout() {
+        let c = parse(
+            "[store]\nbackend = \"qdrant\"\nurl = [\"http://q1:6334\", \"http://q2:6334/\"]\n\
+             shard_number = 3\nreplication_factor = 2\nwrite_consistency_factor = 1\n",
+        )
+        .unwrap();
+        assert_eq!(c.store.urls, ["http://q1:6334", "http://q2:6334"]);
+        assert_eq!(
+            (
+                c.store.shard_number,
+                c.store.replication_factor,
+                c.store.write_consistency_factor
+            ),
+            (3, 2, 1)
+        );
+        let one = parse("[store]\nurl = \"http://q1:6334\"\n").unwrap();
+        assert_eq!(one.store.urls, ["http://q1:6334"]);
+        let defaults = parse("workers = 1\n").unwrap().store;
+        assert_eq!(defaults.urls, [app::QDRANT_URL]);
+        assert_eq!((defaults.shard_number, defaults.replication_factor), (0, 1));
+        let err = parse("[store]\nreplication_factor = 2\nwrite_consistency_factor = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("write_consistency_factor"), "{err}");
+        assert!(err.contains("more than replication_factor"), "{err}");
+        let err = parse("[store]\nurl = []\n").unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+        let err = parse("[store]\nurl = [\"q1:6334\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http://"), "{err}");
+        let err = parse("[store]\nreplicaton_factor = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `replication_factor`"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_names_line_and_suggests() {
         let err = parse("workers = 2\nwokers = 3\n").unwrap_err();
         let text = err.to_string();

@@ -4,25 +4,34 @@
 //! `RAGPOOL_REQUIRE_QDRANT=1` (CI).
 
 use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::http::{self, delete, post, post_json};
-use crate::support::qdrant::QdrantNode;
+use crate::support::http::{self, delete, post, post_json, Response};
+use crate::support::nginx::{get_from, require_nginx, send_from, NginxSite, Upstream};
+use crate::support::qdrant::{QdrantCluster, QdrantNode};
 use crate::support::{wait_until, ServerProcess, BIN};
 
 const BOUND: Duration = Duration::from_secs(60);
 const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs");
 const AUTH: &str = "Authorization: Bearer t";
 
-/// workers.toml for a server on Qdrant at `url` (no LLM: extractive answers), the given extra
-/// `[rag]` and `[store]` lines.
-pub fn qdrant_config(workers: usize, url: &str, store: &str, rag: &str) -> String {
+/// workers.toml for a server on the Qdrant nodes at `urls` (no LLM: extractive answers), the
+/// given extra `[store]` and `[rag]` lines.
+pub fn qdrant_config(workers: usize, urls: &[String], store: &str, rag: &str) -> String {
+    let url = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "workers = {workers}\nbind = [\"127.0.0.1:0\"]\naccesslog = \"\"\nadmin_token = \"t\"\n\
-         [store]\nbackend = \"qdrant\"\nurl = \"{url}\"\ncollection = \"ragpool_it\"\n{store}\n\
+         [store]\nbackend = \"qdrant\"\nurl = [{url}]\ncollection = \"ragpool_it\"\n{store}\n\
          [llm]\nprovider = \"none\"\n[rag]\n{rag}\n"
     )
 }
@@ -95,7 +104,7 @@ fn a_server_on_qdrant_ingests_answers_replaces_and_deletes() {
     };
     let server = ServerProcess::start(&qdrant_config(
         2,
-        &node.url(),
+        &[node.url()],
         "",
         &format!("docs_dir = \"{DOCS}\""),
     ));
@@ -241,4 +250,363 @@ fn a_server_on_qdrant_ingests_answers_replaces_and_deletes() {
         .iter()
         .any(|s| s.ends_with("docs/en/reload.md")));
     assert_eq!(server.workers(), workers, "no worker died of the outage");
+}
+
+/// Questions from `clients` threads until stopped, counting answers and keeping failures.
+struct Askers {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Askers {
+    fn start(addr: &str, clients: usize) -> Askers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (addr, stop, ok, failures) = (
+                    addr.to_string(),
+                    Arc::clone(&stop),
+                    Arc::clone(&ok),
+                    Arc::clone(&failures),
+                );
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(600);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let question = json!({ "question": "how do I reload the workers?" });
+                        match post_json(&addr, "/api/ask", &question) {
+                            Ok(r) if r.status == 200 && !sources_of(&r.json()).is_empty() => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.body)),
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Askers {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further questions were answered.
+    fn wait_for_more(&self, more: u64) -> bool {
+        let target = self.answered() + more;
+        wait_until(BOUND, || self.answered() >= target)
+    }
+
+    /// Stops the threads; the answered count and the failures.
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// The collection's replica states on `node` (`GET /collections/{c}/cluster`): each local and
+/// remote shard replica's state, e.g. "Active", "Dead", "Partial".
+fn replica_states(node: &QdrantNode) -> Vec<String> {
+    let Ok((200, body)) = node.rest("GET", "/collections/ragpool_it/cluster", None) else {
+        return Vec::new();
+    };
+    let json: Value = serde_json::from_str(&body).unwrap_or_default();
+    ["local_shards", "remote_shards"]
+        .iter()
+        .flat_map(|key| json["result"][key].as_array().cloned().unwrap_or_default())
+        .filter_map(|shard| shard["state"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn answers_go_on_while_a_qdrant_cluster_node_is_killed_and_restarted() {
+    const CLIENTS: usize = 4;
+    let Some(mut cluster) = QdrantCluster::start(3) else {
+        return;
+    };
+    let server = ServerProcess::start(&qdrant_config(
+        2,
+        &cluster.urls(),
+        "shard_number = 3\nreplication_factor = 2\nwrite_consistency_factor = 1",
+        &format!("docs_dir = \"{DOCS}\""),
+    ));
+    let addr = server.addr();
+    assert!(
+        server.wait_for_log("first run: ingested", BOUND),
+        "{}",
+        server.logs()
+    );
+    // The collection ragpool created: 3 shards, 2 copies each, spread over the 3 nodes.
+    let (status, body) = cluster.nodes[1]
+        .rest("GET", "/collections/ragpool_it", None)
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    let params = &info["result"]["config"]["params"];
+    assert_eq!(
+        (
+            params["shard_number"].as_u64(),
+            params["replication_factor"].as_u64(),
+            params["write_consistency_factor"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1)),
+        "{info}"
+    );
+    let replicas: usize = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let (_, body) = node
+                .rest("GET", "/collections/ragpool_it/cluster", None)
+                .unwrap();
+            let json: Value = serde_json::from_str(&body).unwrap();
+            json["result"]["local_shards"]
+                .as_array()
+                .map_or(0, Vec::len)
+        })
+        .sum();
+    assert_eq!(replicas, 6, "3 shards x 2 replicas over the nodes");
+
+    let askers = Askers::start(&addr, CLIENTS);
+    assert!(askers.wait_for_more(50), "answers before the kill");
+    // SIGKILL the node ragpool talks to first (the first URL).
+    let before_kill = askers.answered();
+    cluster.nodes[0].kill();
+    assert!(askers.wait_for_more(100), "answers while a node is down");
+    let during_outage = askers.answered() - before_kill;
+
+    // Ingest while the node is down: all of it or a clear error, never a part.
+    let text =
+        "# Outage drill\n\nDuring the drill the zeppelin hangar doors open within nine seconds.";
+    let body = json!({ "title": "Outage drill", "text": text }).to_string();
+    let r = post(
+        &addr,
+        "/api/documents",
+        "application/json",
+        body.as_bytes(),
+        &[AUTH],
+    )
+    .unwrap();
+    let ingested_in_outage = r.status == 201;
+    if ingested_in_outage {
+        assert_eq!(
+            r.json()["documents"][0]["outcome"],
+            "inserted",
+            "{}",
+            r.body
+        );
+    } else {
+        assert!(r.status >= 500, "{} {}", r.status, r.body);
+        assert!(
+            r.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{}",
+            r.body
+        );
+    }
+    let drill = ask(&addr, "zeppelin hangar doors");
+    let listed = http::get(&addr, "/api/documents").unwrap().json();
+    let in_list = listed["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["title"] == "Outage drill");
+    assert_eq!(
+        (
+            sources_of(&drill).contains(&"Outage drill".to_string()),
+            in_list
+        ),
+        (ingested_in_outage, ingested_in_outage),
+        "the document is whole or absent: {drill}"
+    );
+
+    // Back: the node rejoins and its replicas recover; answers never stopped.
+    cluster.nodes[0]
+        .restart()
+        .expect("the killed node restarts");
+    assert!(
+        wait_until(BOUND, || {
+            let states = replica_states(&cluster.nodes[0]);
+            states.len() == 6 && states.iter().all(|s| s == "Active")
+        }),
+        "the replicas recovered: {:?}",
+        replica_states(&cluster.nodes[0])
+    );
+    assert!(askers.wait_for_more(50), "answers after the restart");
+    let (answered, failures) = askers.finish();
+    eprintln!(
+        "cluster kill: {answered} answered ({during_outage} with a node down), {} failed; \
+         ingest during the outage: {}",
+        failures.len(),
+        if ingested_in_outage {
+            "stored"
+        } else {
+            "refused"
+        }
+    );
+    assert!(failures.is_empty(), "failed questions: {failures:?}");
+
+    // A document ingested now is found (through whichever node answers).
+    let (outcome, _) = upload(
+        &addr,
+        "After the drill",
+        "The quokka enclosure is inspected monthly.",
+    );
+    assert_eq!(outcome, "inserted");
+    assert!(sources_of(&ask(&addr, "quokka enclosure")).contains(&"After the drill".to_string()));
+}
+
+/// `POST /api/ask` through nginx from the loopback address `source` (nginx rate-limits per
+/// client address).
+fn ask_from(source: Ipv4Addr, addr: &str, question: &str) -> std::io::Result<Response> {
+    let body = json!({ "question": question }).to_string();
+    let raw = format!(
+        "POST /api/ask HTTP/1.1\r\nHost: rag.example.test\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    send_from(source, addr, raw.as_bytes())
+}
+
+#[test]
+fn two_ragpool_nodes_on_one_qdrant_behind_nginx_share_documents_and_survive_a_node_loss() {
+    const CLIENTS: u8 = 6;
+    // The shipped site allows 2 questions/s per client address (burst 10): each client asks
+    // a little slower than that, so every refusal would be a real failure, not a 429.
+    const PACE: Duration = Duration::from_millis(600);
+    let Some(nginx_binary) = require_nginx() else {
+        return;
+    };
+    let Some(qdrant) = QdrantNode::start() else {
+        return;
+    };
+    let config = qdrant_config(2, &[qdrant.url()], "", "ingest_docs_on_first_run = false");
+    let node_a = ServerProcess::start(&config);
+    let node_b = ServerProcess::start(&config);
+    let (addr_a, addr_b) = (node_a.addr(), node_b.addr());
+
+    // Ingested through node A, found through node B at once: they share the store.
+    let (outcome, id) = upload(
+        &addr_a,
+        "Hangar",
+        "# Hangar\n\nThe zeppelin hangar doors open within nine seconds of the alarm.",
+    );
+    assert_eq!(outcome, "inserted");
+    let found = ask(&addr_b, "zeppelin hangar doors");
+    assert_eq!(found["sources"][0]["document_id"], id.as_str(), "{found}");
+    let listed = http::get(&addr_b, "/api/documents").unwrap().json();
+    assert_eq!(listed["documents"][0]["id"], id.as_str(), "{listed}");
+
+    // The shipped nginx site with both nodes as servers of its one upstream.
+    let nginx = NginxSite::prepare(
+        &nginx_binary,
+        Upstream::TcpServers(&[addr_a.clone(), addr_b.clone()]),
+    )
+    .start();
+    let front = nginx.addr().to_string();
+    let workers_a = node_a.workers();
+    let workers_b = node_b.workers();
+    let mut seen = HashSet::new();
+    assert!(
+        wait_until(BOUND, || {
+            if let Ok(r) = get_from(Ipv4Addr::new(127, 0, 0, 2), &front, "/health", &[]) {
+                if let Some(pid) = r.json()["pid"].as_i64() {
+                    seen.insert(pid as i32);
+                }
+            }
+            seen.iter().any(|p| workers_a.contains(p)) && seen.iter().any(|p| workers_b.contains(p))
+        }),
+        "nginx reaches workers of both nodes: {seen:?}"
+    );
+
+    // Questions through nginx from several clients; then node A is SIGKILLed (master and
+    // workers, the whole process group) in the middle of them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (front, stop, ok, failures) = (
+                front.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&ok),
+                Arc::clone(&failures),
+            );
+            std::thread::spawn(move || {
+                let source = Ipv4Addr::new(127, 0, 1, 10 + i);
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let sent = Instant::now();
+                    match ask_from(source, &front, "zeppelin hangar doors") {
+                        Ok(r) if r.status == 200 && r.body.contains("zeppelin") => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} {}", r.status, r.body)),
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                    std::thread::sleep(PACE.saturating_sub(sent.elapsed()));
+                }
+            })
+        })
+        .collect();
+    let answered = || ok.load(Ordering::Relaxed);
+    assert!(
+        wait_until(BOUND, || answered() >= 30),
+        "answers before the kill"
+    );
+    let before_kill = answered();
+    drop(node_a);
+    assert!(
+        wait_until(BOUND, || answered() >= before_kill + 30),
+        "answers after node A is gone"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    eprintln!(
+        "two nodes: {} answered through nginx ({} after node A was killed), {} failed: {failures:?}",
+        answered(),
+        answered() - before_kill,
+        failures.len()
+    );
+    // At most the questions in flight on node A when it died: one per client, and only half
+    // of them could have been on A.
+    assert!(
+        failures.len() <= CLIENTS as usize,
+        "more failures than questions in flight: {failures:?}"
+    );
+    // Node B alone serves everything now, including a new document.
+    let (outcome, _) = upload(
+        &addr_b,
+        "Quokka",
+        "The quokka enclosure is inspected monthly.",
+    );
+    assert_eq!(outcome, "inserted");
+    let r = ask_from(Ipv4Addr::new(127, 0, 0, 3), &front, "quokka enclosure").unwrap();
+    assert!(
+        r.status == 200 && r.body.contains("quokka"),
+        "{} {}",
+        r.status,
+        r.body
+    );
 }

@@ -33,9 +33,9 @@
 //!    chunk of a committed version was written before its head, so all of it is there;
 //! 4. the heads are read again: if none moved, no committed version was garbage-collected
 //!    during step 3 (a version is deleted only after its head moved away), so the result is
-//!    one whole version per document. If one moved, the search starts over (a bounded number
-//!    of times; a reader racing a writer that never pauses gets the last result, still one
-//!    version per document).
+//!    one whole version per document. If one moved, the search starts over after a short,
+//!    growing pause (a bounded number of times; a reader racing a writer that never pauses
+//!    gets the last result, still one version per document).
 //!
 //! So a reader sees the old version or the new one, whole, never a mix and never nothing;
 //! chunks of an interrupted ingest are never visible and are removed by a later upsert of that
@@ -43,9 +43,24 @@
 //! chunks: each deletes only the version its own head replaced (and uncommitted versions once
 //! they are old).
 //! `list_documents`, `document_hash` and `stats` read the head points.
+//!
+//! # A cluster
+//!
+//! `[store] url` may list several nodes of one Qdrant cluster. Each request goes to the node
+//! that answered last and moves on to the next while a node does not answer (down,
+//! unreachable, or failing inside the cluster): every request ragpool sends is safe to repeat
+//! (point ids are derived, deletes go by filter, the head is one point). A collection ragpool
+//! creates gets `shard_number`, `replication_factor` and `write_consistency_factor` from
+//! `[store]`; with 3 nodes, `replication_factor = 2` and `write_consistency_factor = 1`, a
+//! killed node costs no answer and ingest goes on (its replicas are marked dead and recover
+//! when it returns). A write is acknowledged once `write_consistency_factor` replicas applied
+//! it, so a read served by a slower replica right after may still miss it; the snapshot
+//! above holds per replica, and `write_consistency_factor = replication_factor` makes it hold
+//! across replicas at the price of refused writes while a replica is down.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -81,8 +96,11 @@ const SCROLL_PAGE: u32 = 512;
 /// Whole request, including a batch upsert waiting for the write to be applied.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a search starts over because a head moved under it (see the module doc).
-const READ_ATTEMPTS: usize = 5;
+/// How often a search starts over because a head moved under it (see the module doc), and
+/// the pause before a new try, times the tries so far (plus jitter, so a reader does not stay
+/// in step with a writer).
+const READ_ATTEMPTS: u32 = 16;
+const READ_BACKOFF: Duration = Duration::from_millis(2);
 /// Chunks of a version that was never committed are garbage once this old (an ingest that
 /// takes longer than this while another ingest of the same source runs may lose its chunks).
 const STALE_AFTER: Duration = Duration::from_secs(3600);
@@ -104,6 +122,15 @@ mod field {
 const KIND_CHUNK: &str = "chunk";
 const KIND_HEAD: &str = "head";
 
+/// How a collection this process creates is spread over a cluster.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// 0: Qdrant's default (one shard per node at creation).
+    shard_number: u32,
+    replication_factor: u32,
+    write_consistency_factor: u32,
+}
+
 /// What this store needs to know about the collection.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
@@ -118,16 +145,27 @@ struct Dense {
     lower_is_better: bool,
 }
 
+/// One Qdrant node this process may talk to.
+struct Node {
+    url: String,
+    /// gRPC client; connects lazily on the first request.
+    client: Qdrant,
+}
+
 /// The Qdrant store of one process.
 pub struct QdrantStore {
-    /// gRPC client; connects lazily on the first request. Boxed: it is most of the size, and
-    /// `Store` should not be as large as its largest variant.
-    client: Box<Qdrant>,
-    /// For error messages and logs.
+    /// The configured nodes (one server, or nodes of one cluster: any serves every request).
+    nodes: Vec<Node>,
+    /// The node that answered last: requests start there and move on to the next node when
+    /// it does not answer (see [`QdrantStore::call`]).
+    preferred: AtomicUsize,
+    /// Every URL, for logs and for an error no node could answer.
     url: String,
     collection: String,
     /// For a dense vector this process creates.
     distance: Distance,
+    /// Shards and replicas of a collection this process creates.
+    layout: Layout,
     /// Index-time and query-time stems.
     stems: Stems,
     /// The collection's shape once seen, so a search costs no extra round trip. `None` until
@@ -137,24 +175,41 @@ pub struct QdrantStore {
 }
 
 impl QdrantStore {
-    /// Builds the client; no request is sent (see [`QdrantStore::check`]).
+    /// Builds a client per node; no request is sent (see [`QdrantStore::check`]).
     pub fn open(config: &StoreConfig) -> Result<QdrantStore, StoreError> {
-        let client = Qdrant::from_url(&config.url)
-            .api_key(config.api_key.clone())
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            // The compatibility check would block in a thread of its own and print to stdout.
-            .skip_compatibility_check()
-            .build()
-            .map_err(|source| StoreError::QdrantClient {
-                url: config.url.clone(),
-                source: Box::new(source),
-            })?;
+        let nodes = config
+            .urls
+            .iter()
+            .map(|url| {
+                let client = Qdrant::from_url(url)
+                    .api_key(config.api_key.clone())
+                    .timeout(REQUEST_TIMEOUT)
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    // The compatibility check would block in a thread of its own and print to
+                    // stdout.
+                    .skip_compatibility_check()
+                    .build()
+                    .map_err(|source| StoreError::QdrantClient {
+                        url: url.clone(),
+                        source: Box::new(source),
+                    })?;
+                Ok(Node {
+                    url: url.clone(),
+                    client,
+                })
+            })
+            .collect::<Result<Vec<Node>, StoreError>>()?;
         Ok(QdrantStore {
-            client: Box::new(client),
-            url: config.url.clone(),
+            nodes,
+            preferred: AtomicUsize::new(0),
+            url: config.urls.join(", "),
             collection: config.collection.clone(),
             distance: config.distance,
+            layout: Layout {
+                shard_number: config.shard_number as u32,
+                replication_factor: config.replication_factor as u32,
+                write_consistency_factor: config.write_consistency_factor as u32,
+            },
             stems: Stems::default(),
             shape: Mutex::new(None),
         })
@@ -199,19 +254,15 @@ impl QdrantStore {
                 .iter()
                 .map(|chunk| self.chunk_point(&id, &doc, chunk, updated_at))
                 .collect();
-            self.client
-                .upsert_points(UpsertPointsBuilder::new(&self.collection, points).wait(true))
-                .await
-                .map_err(self.error("write chunks"))?;
+            let request = UpsertPointsBuilder::new(&self.collection, points).wait(true);
+            self.call("write chunks", |c| c.upsert_points(request.clone()))
+                .await?;
         }
         // 2. The switch: one point, written atomically.
-        self.client
-            .upsert_points(
-                UpsertPointsBuilder::new(&self.collection, vec![head_point(&id, &doc, updated_at)])
-                    .wait(true),
-            )
-            .await
-            .map_err(self.error("commit a document"))?;
+        let head = vec![head_point(&id, &doc, updated_at)];
+        let request = UpsertPointsBuilder::new(&self.collection, head).wait(true);
+        self.call("commit a document", |c| c.upsert_points(request.clone()))
+            .await?;
         // 3. Garbage, already invisible (a failure here costs space, not correctness): the
         //    replaced version's chunks, and those of versions never committed (an interrupted
         //    ingest) once older than STALE_AFTER. A version another process is writing right
@@ -256,11 +307,10 @@ impl QdrantStore {
             if let Some(offset) = offset.take() {
                 request = request.offset(offset);
             }
+            let request = request.build();
             let page = self
-                .client
-                .scroll(request)
-                .await
-                .map_err(self.error("list documents"))?;
+                .call("list documents", |c| c.scroll(request.clone()))
+                .await?;
             documents.extend(
                 page.result
                     .iter()
@@ -281,14 +331,12 @@ impl QdrantStore {
         }
         let existed = self.heads(&[id.to_string()]).await?.contains_key(id);
         // The head first: the document disappears in one write; its chunks become garbage.
-        self.client
-            .delete_points(
-                DeletePointsBuilder::new(&self.collection)
-                    .points(Filter::must([document_is(id), kind_is(KIND_HEAD)]))
-                    .wait(true),
-            )
-            .await
-            .map_err(self.error("delete a document"))?;
+        let request = DeletePointsBuilder::new(&self.collection)
+            .points(Filter::must([document_is(id), kind_is(KIND_HEAD)]))
+            .wait(true)
+            .build();
+        self.call("delete a document", |c| c.delete_points(request.clone()))
+            .await?;
         let chunks = Filter::must([document_is(id), kind_is(KIND_CHUNK)]);
         if let Err(e) = self.delete_points(chunks).await {
             log::warn!("{e} (the chunks of deleted document {id} stay, invisible)");
@@ -307,7 +355,7 @@ impl QdrantStore {
         score: impl Fn(f32) -> f32,
     ) -> Result<Vec<Hit>, StoreError> {
         let mut last = Vec::new();
-        for _ in 0..READ_ATTEMPTS {
+        for attempt in 1..=READ_ATTEMPTS {
             // 1. Candidates: chunks of any version, only their document ids.
             let candidates = self
                 .query_chunks(
@@ -378,6 +426,7 @@ impl QdrantStore {
             if !moved {
                 return Ok(last);
             }
+            tokio::time::sleep(READ_BACKOFF * attempt + jitter(READ_BACKOFF)).await;
         }
         log::debug!(
             "qdrant store: documents kept changing during a search; {} hits from the last try",
@@ -400,12 +449,11 @@ impl QdrantStore {
             .using(using)
             .filter(filter)
             .limit(limit)
-            .with_payload(payload);
+            .with_payload(payload)
+            .build();
         Ok(self
-            .client
-            .query(request)
-            .await
-            .map_err(self.error(action))?
+            .call(action, |c| c.query(request.clone()))
+            .await?
             .result)
     }
 
@@ -463,20 +511,18 @@ impl QdrantStore {
     }
 
     pub async fn check(&self) -> Result<(), StoreError> {
-        self.client
-            .health_check()
-            .await
-            .map_err(self.error("answer a health check"))?;
+        self.call("answer a health check", |c| c.health_check())
+            .await?;
         Ok(())
     }
 
     /// Removes the collection: for tests, which each use one of their own.
     #[cfg(test)]
     pub(super) async fn drop_collection(&self) -> Result<(), StoreError> {
-        self.client
-            .delete_collection(&self.collection)
-            .await
-            .map_err(self.error("delete the collection"))?;
+        self.call("delete the collection", |c| {
+            c.delete_collection(self.collection.as_str())
+        })
+        .await?;
         Ok(())
     }
 
@@ -488,15 +534,13 @@ impl QdrantStore {
             .iter()
             .map(|id| PointId::from(head_point_id(id)))
             .collect();
+        let request = GetPointsBuilder::new(&self.collection, point_ids)
+            .with_payload(true)
+            .with_vectors(false)
+            .build();
         let response = self
-            .client
-            .get_points(
-                GetPointsBuilder::new(&self.collection, point_ids)
-                    .with_payload(true)
-                    .with_vectors(false),
-            )
-            .await
-            .map_err(self.error("read document heads"))?;
+            .call("read document heads", |c| c.get_points(request.clone()))
+            .await?;
         Ok(response
             .result
             .iter()
@@ -506,15 +550,13 @@ impl QdrantStore {
     }
 
     async fn count(&self, condition: Condition) -> Result<u64, StoreError> {
+        let request = CountPointsBuilder::new(&self.collection)
+            .filter(Filter::must([condition]))
+            .exact(true)
+            .build();
         let response = self
-            .client
-            .count(
-                CountPointsBuilder::new(&self.collection)
-                    .filter(Filter::must([condition]))
-                    .exact(true),
-            )
-            .await
-            .map_err(self.error("count points"))?;
+            .call("count points", |c| c.count(request.clone()))
+            .await?;
         Ok(response.result.map(|r| r.count).unwrap_or(0))
     }
 
@@ -550,14 +592,12 @@ impl QdrantStore {
     }
 
     async fn delete_points(&self, filter: Filter) -> Result<(), StoreError> {
-        self.client
-            .delete_points(
-                DeletePointsBuilder::new(&self.collection)
-                    .points(filter)
-                    .wait(true),
-            )
-            .await
-            .map_err(self.error("delete chunks"))?;
+        let request = DeletePointsBuilder::new(&self.collection)
+            .points(filter)
+            .wait(true)
+            .build();
+        self.call("delete chunks", |c| c.delete_points(request.clone()))
+            .await?;
         Ok(())
     }
 
@@ -628,32 +668,44 @@ impl QdrantStore {
             LEXICAL,
             SparseVectorParamsBuilder::default().modifier(Modifier::Idf),
         );
-        let request = CreateCollectionBuilder::new(&self.collection)
+        let mut request = CreateCollectionBuilder::new(&self.collection)
             .vectors_config(vectors)
-            .sparse_vectors_config(sparse);
-        if let Err(e) = self.client.create_collection(request).await {
+            .sparse_vectors_config(sparse)
+            .replication_factor(self.layout.replication_factor)
+            .write_consistency_factor(self.layout.write_consistency_factor);
+        if self.layout.shard_number > 0 {
+            request = request.shard_number(self.layout.shard_number);
+        }
+        let request = request.build();
+        if let Err(e) = self
+            .call("create the collection", |c| {
+                c.create_collection(request.clone())
+            })
+            .await
+        {
             // Another process may have created it first; then it is there now.
             return match self.fetch_shape().await {
                 Ok(Some(shape)) => Ok(shape),
-                _ => Err(self.error("create the collection")(e)),
+                _ => Err(e),
             };
         }
         log::info!(
-            "qdrant store: created collection {:?} at {}",
+            "qdrant store: created collection {:?} at {} ({:?})",
             self.collection,
-            self.url
+            self.url,
+            self.layout
         );
         for (name, kind) in [
             (field::DOCUMENT_ID, FieldType::Keyword),
             (field::KIND, FieldType::Keyword),
             (field::CONTENT_HASH, FieldType::Keyword),
         ] {
-            self.client
-                .create_field_index(
-                    CreateFieldIndexCollectionBuilder::new(&self.collection, name, kind).wait(true),
-                )
-                .await
-                .map_err(self.error("create a payload index"))?;
+            let request =
+                CreateFieldIndexCollectionBuilder::new(&self.collection, name, kind).wait(true);
+            self.call("create a payload index", |c| {
+                c.create_field_index(request.clone())
+            })
+            .await?;
         }
         let shape = Shape {
             dense: dimensions.map(|size| Dense {
@@ -672,8 +724,14 @@ impl QdrantStore {
             DENSE,
             DenseVectorCreationConfigBuilder::new(size as u64, self.qdrant_distance()),
         )
-        .wait(true);
-        if let Err(e) = self.client.create_vector_name(request).await {
+        .wait(true)
+        .build();
+        if let Err(e) = self
+            .call("add the dense vector", |c| {
+                c.create_vector_name(request.clone())
+            })
+            .await
+        {
             return Err(StoreError::Collection {
                 collection: self.collection.clone(),
                 detail: format!(
@@ -709,19 +767,19 @@ impl QdrantStore {
     /// Asks the server; `None` when the collection does not exist.
     async fn fetch_shape(&self) -> Result<Option<Shape>, StoreError> {
         let exists = self
-            .client
-            .collection_exists(&self.collection)
-            .await
-            .map_err(self.error("look up the collection"))?;
+            .call("look up the collection", |c| {
+                c.collection_exists(self.collection.as_str())
+            })
+            .await?;
         if !exists {
             self.remember(None);
             return Ok(None);
         }
         let info = self
-            .client
-            .collection_info(&self.collection)
-            .await
-            .map_err(self.error("read the collection"))?;
+            .call("read the collection", |c| {
+                c.collection_info(self.collection.as_str())
+            })
+            .await?;
         let shape = shape_of(&self.collection, info.result)?;
         self.remember(Some(shape));
         Ok(Some(shape))
@@ -743,13 +801,77 @@ impl QdrantStore {
         self.distance == Distance::Euclid
     }
 
-    fn error(&self, action: &'static str) -> impl Fn(QdrantError) -> StoreError + '_ {
-        move |source| StoreError::Qdrant {
-            url: self.url.clone(),
-            collection: self.collection.clone(),
-            action,
-            source: Box::new(source),
+    /// Runs one request, starting at the preferred node and moving on to the next while a
+    /// node does not answer (down, unreachable, or failing inside the cluster). Every request
+    /// ragpool sends is safe to repeat: points have derived ids, deletes are by filter, and
+    /// creating what exists is handled by the caller.
+    async fn call<'a, T, Fut>(
+        &'a self,
+        action: &'static str,
+        request: impl Fn(&'a Qdrant) -> Fut,
+    ) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = Result<T, QdrantError>>,
+    {
+        let count = self.nodes.len();
+        let first = self.preferred.load(Ordering::Relaxed) % count;
+        let mut failed = Vec::new();
+        for step in 0..count {
+            let index = (first + step) % count;
+            let node = &self.nodes[index];
+            match request(&node.client).await {
+                Ok(value) => {
+                    if step > 0 {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        log::warn!(
+                            "qdrant store: {} did not answer ({}); now using {}",
+                            failed.join(", "),
+                            action,
+                            node.url
+                        );
+                    }
+                    return Ok(value);
+                }
+                Err(e) if step + 1 < count && is_unanswered(&e) => {
+                    log::debug!("qdrant store: {} failed to {action}: {e}", node.url);
+                    failed.push(node.url.as_str());
+                }
+                Err(e) => {
+                    return Err(StoreError::Qdrant {
+                        url: if failed.is_empty() {
+                            node.url.clone()
+                        } else {
+                            self.url.clone()
+                        },
+                        collection: self.collection.clone(),
+                        action,
+                        source: Box::new(e),
+                    })
+                }
+            }
         }
+        unreachable!("a store has at least one node and the last one returns")
+    }
+}
+
+/// Whether another node may answer where this one failed: the node is down or unreachable
+/// (the client reports a refused connection as `Internal`), timed out, or failed inside the
+/// cluster. A refusal of the request itself (invalid, not found, exists) is final.
+fn is_unanswered(error: &QdrantError) -> bool {
+    // gRPC status codes (the standard numbering, as tonic's `Code` discriminants).
+    const CANCELLED: i32 = 1;
+    const UNKNOWN: i32 = 2;
+    const DEADLINE_EXCEEDED: i32 = 4;
+    const ABORTED: i32 = 10;
+    const INTERNAL: i32 = 13;
+    const UNAVAILABLE: i32 = 14;
+    match error {
+        QdrantError::ResponseError { status } => matches!(
+            status.code() as i32,
+            CANCELLED | UNKNOWN | DEADLINE_EXCEEDED | ABORTED | INTERNAL | UNAVAILABLE
+        ),
+        QdrantError::ResourceExhaustedError { .. } => true,
+        _ => false,
     }
 }
 
@@ -816,6 +938,15 @@ fn head_of(payload: &HashMap<String, Value>) -> Option<Head> {
     let version = text_of(payload, field::VERSION)
         .unwrap_or_else(|| format!("{}@{}", info.content_hash, info.updated_at));
     Some(Head { info, version })
+}
+
+/// Up to `max`, from the clock's nanoseconds: enough to break lock-step, no RNG needed.
+fn jitter(max: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    Duration::from_nanos(u64::from(nanos) % (max.as_nanos() as u64).max(1))
 }
 
 /// A token no other commit has: the document, this process, a per-process counter and the

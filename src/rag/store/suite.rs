@@ -74,11 +74,14 @@ impl Backend {
         let config = StoreConfig {
             backend: StoreBackend::Qdrant,
             path: PathBuf::from("unused"),
-            url,
+            urls: vec![url],
             collection: format!("ragpool_test_{test}_{}_{nanos}", std::process::id()),
             api_key: std::env::var("RAGPOOL_TEST_QDRANT_API_KEY").ok(),
             distance: Distance::Cosine,
             threads: 2,
+            shard_number: 0,
+            replication_factor: 1,
+            write_consistency_factor: 1,
         };
         let store = Store::open(&config).await.expect("open the qdrant store");
         Some(Backend {
@@ -101,11 +104,14 @@ fn embedded_config(dir: &Path) -> StoreConfig {
     StoreConfig {
         backend: StoreBackend::Embedded,
         path: dir.to_path_buf(),
-        url: crate::config::app::QDRANT_URL.to_string(),
+        urls: vec![crate::config::app::QDRANT_URL.to_string()],
         collection: "ragpool".into(),
         api_key: None,
         distance: Distance::Cosine,
         threads: 2,
+        shard_number: 0,
+        replication_factor: 1,
+        write_consistency_factor: 1,
     }
 }
 

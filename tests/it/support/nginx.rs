@@ -40,6 +40,8 @@ pub enum Upstream<'a> {
     Unix(&'a Path),
     /// `host:port` (the commented TCP variant of the shipped file).
     Tcp(&'a str),
+    /// Several `host:port` servers in the one upstream: ragpool nodes side by side.
+    TcpServers(&'a [String]),
 }
 
 /// The nginx binary, or `None` (with a skip message) when it is missing and
@@ -72,6 +74,11 @@ pub fn site_conf(upstream: &Upstream<'_>, listen: &str) -> String {
     let server = match upstream {
         Upstream::Unix(path) => format!("server unix:{};", path.display()),
         Upstream::Tcp(addr) => format!("server {addr};"),
+        Upstream::TcpServers(addrs) => addrs
+            .iter()
+            .map(|addr| format!("server {addr};"))
+            .collect::<Vec<_>>()
+            .join("\n    "),
     };
     shipped
         .replace(SHIPPED_UPSTREAM, &server)
