@@ -380,43 +380,14 @@ impl QdrantStore {
             }
             // 2. The committed version of each.
             let heads = self.heads(&ids).await?;
-            if heads.is_empty() {
-                return Ok(Vec::new());
-            }
-            // 3. Only chunks of those versions.
-            let committed = Filter {
-                must: vec![kind_is(KIND_CHUNK)],
-                should: heads
-                    .values()
-                    .map(|head| {
-                        Condition::from(Filter::must([
-                            document_is(&head.info.id),
-                            hash_is(&head.info.content_hash),
-                        ]))
-                    })
-                    .collect(),
-                ..Default::default()
+            // 3. Only chunks of those versions (none at all when no candidate has a head:
+            //    uncommitted or deleted; step 4 tells whether that held).
+            last = if heads.is_empty() {
+                Vec::new()
+            } else {
+                self.committed_chunks(&query, using, &heads, k, action, &score)
+                    .await?
             };
-            let points = self
-                .query_chunks(
-                    query.clone(),
-                    using,
-                    committed,
-                    k as u64,
-                    true.into(),
-                    action,
-                )
-                .await?;
-            last = points
-                .iter()
-                .filter_map(|point| chunk_hit(&point.payload, score(point.score)))
-                .filter(|(hit, hash)| {
-                    heads
-                        .get(&hit.document_id)
-                        .is_some_and(|head| &head.info.content_hash == hash)
-                })
-                .map(|(hit, _)| hit)
-                .collect();
             // 4. The snapshot held if no head moved meanwhile.
             let again = self.heads(&ids).await?;
             let moved = heads.len() != again.len()
@@ -433,6 +404,51 @@ impl QdrantStore {
             last.len()
         );
         Ok(last)
+    }
+
+    /// The `k` nearest chunks of exactly the versions the `heads` name, as hits.
+    async fn committed_chunks(
+        &self,
+        query: &Query,
+        using: &str,
+        heads: &HashMap<String, Head>,
+        k: usize,
+        action: &'static str,
+        score: impl Fn(f32) -> f32,
+    ) -> Result<Vec<Hit>, StoreError> {
+        let committed = Filter {
+            must: vec![kind_is(KIND_CHUNK)],
+            should: heads
+                .values()
+                .map(|head| {
+                    Condition::from(Filter::must([
+                        document_is(&head.info.id),
+                        hash_is(&head.info.content_hash),
+                    ]))
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let points = self
+            .query_chunks(
+                query.clone(),
+                using,
+                committed,
+                k as u64,
+                true.into(),
+                action,
+            )
+            .await?;
+        Ok(points
+            .iter()
+            .filter_map(|point| chunk_hit(&point.payload, score(point.score)))
+            .filter(|(hit, hash)| {
+                heads
+                    .get(&hit.document_id)
+                    .is_some_and(|head| &head.info.content_hash == hash)
+            })
+            .map(|(hit, _)| hit)
+            .collect())
     }
 
     async fn query_chunks(
