@@ -677,7 +677,7 @@ impl Rag {
         // Monitoring polls /health often: count the store at most once per STORE_STATUS_TTL.
         let counted = self
             .store_probe
-            .get_or_refresh(|| async { self.store.stats().await.map_err(|e| e.to_string()) })
+            .get_or_refresh(|| async { self.store.probe().await.map_err(|e| e.to_string()) })
             .await;
         let stats = counted.as_ref().ok().copied();
         let store = ComponentHealth::of(counted.map(|_| ()), None);
@@ -885,8 +885,9 @@ pub fn extract_limits(config: &crate::config::RagConfig) -> ingest::Limits {
 }
 
 impl Rag {
-    /// On a fresh install (empty store), ingests the operator's manual from `docs_dir` so the
-    /// first question already has answers. One process does it: the one that takes the lock.
+    /// On a fresh install, ingests the operator's manual from `docs_dir` so the first question
+    /// already has answers. Once in a store's life: the store records that it ran, so deleting
+    /// the documents does not bring them back. One process does it: the one that takes the lock.
     ///
     /// On a later start, the same process fills in the vectors of documents stored without
     /// them (see [`Rag::fill_missing_vectors`]).
@@ -914,14 +915,14 @@ impl Rag {
         if !self.config.ingest_docs_on_first_run || !docs.is_dir() {
             return false;
         }
-        if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
+        if !self.first_run_pending().await {
             return false;
         }
         let Some(_lock) = FirstRunLock::try_take(&config.store.path) else {
             return false;
         };
         // Another process may have finished while we waited for nothing: look again.
-        if !matches!(self.store.stats().await, Ok(stats) if stats.documents == 0) {
+        if !self.first_run_pending().await {
             return false;
         }
         let files = match self.load_path(docs.clone()).await {
@@ -947,11 +948,41 @@ impl Rag {
                 }
             }
         }
+        if let Err(e) = self.store.mark_first_run_done().await {
+            log::warn!("first run: cannot record that it ran (it may run again): {e}");
+        }
         log::info!(
             "first run: ingested {stored} documents from {} ({failed} failed)",
             docs.display()
         );
         true
+    }
+
+    /// True only for a store whose first run never happened: not marked done, and empty. A
+    /// store from before the mark existed that holds documents is marked done here, so
+    /// deleting them all later never brings the manual back.
+    async fn first_run_pending(&self) -> bool {
+        match self.store.first_run_done().await {
+            Ok(true) => return false,
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("first run: cannot read the store's first-run mark: {e}");
+                return false;
+            }
+        }
+        match self.store.stats().await {
+            Ok(stats) if stats.documents == 0 => true,
+            Ok(_) => {
+                if let Err(e) = self.store.mark_first_run_done().await {
+                    log::warn!("first run: cannot record that the store is in use: {e}");
+                }
+                false
+            }
+            Err(e) => {
+                log::warn!("first run: cannot count the stored documents: {e}");
+                false
+            }
+        }
     }
 }
 

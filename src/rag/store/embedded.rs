@@ -6,7 +6,7 @@
 //! # Layout of the file
 //!
 //! - `meta(key, value)`: the embedding dimension and distance metric, once the first embedding
-//!   fixed them.
+//!   fixed them; `first_run_done` once the first-run ingest of `docs_dir` ran.
 //! - `documents(id PK, source UNIQUE, title, content_hash, chunks, updated_at)`.
 //! - `chunks(id INTEGER PRIMARY KEY, document_id, position, text)`: `id` is the rowid of the
 //!   chunk in both indexes below.
@@ -31,6 +31,17 @@
 //! - A passive checkpoint after every write plus `journal_size_limit` keep the `-wal` bounded
 //!   without ever blocking a reader (autocheckpoint stays on as well).
 //!
+//! # The data directory remembers its store
+//!
+//! Next to the file, `ragpool.initialised` is written once the schema exists. From then on the
+//! store is never silently re-created: a booting worker or `ragpool ingest` that finds the
+//! marker but no file (or a file without ragpool's tables) refuses to open it
+//! ([`StoreError::Lost`]), so a reload keeps the old generation instead of serving an empty
+//! store, and connections never create the file (`SQLITE_OPEN_CREATE` is not used after the
+//! first open). While serving, [`EmbeddedStore::probe`] (what `/health` asks) checks that the
+//! path is still the file this process opened (not deleted, not replaced) and reads it through a
+//! fresh connection, so corruption on disk is seen, not hidden by a connection's page cache.
+//!
 //! # Threads and fork
 //!
 //! Every call runs on the store's own fixed [`Pool`] of `[store] threads` threads, each with
@@ -41,11 +52,14 @@
 //! it and refuses to work in another one (a forked child must open its own).
 
 use std::ffi::{c_char, c_int};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use rusqlite::{ffi, params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{
+    ffi, params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
+};
 
 use super::pool::{Pool, PoolError};
 use super::{now_unix, validate_document, StoreError};
@@ -55,6 +69,8 @@ use crate::rag::{document_id, DocumentInfo, Hit, NewDocument, StoreStats, Upsert
 
 /// The database file inside the configured data directory.
 pub const FILE_NAME: &str = "ragpool.sqlite3";
+/// Written next to the file once its schema exists: "a store lives here".
+pub const MARKER_NAME: &str = "ragpool.initialised";
 /// How long a statement waits for another process's lock before reporting `SQLITE_BUSY`.
 /// Writes are short (one document), so this is far above any legitimate wait.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,6 +87,7 @@ const WAL_SWITCH_BACKOFF: Duration = Duration::from_millis(20);
 
 const META_DIMENSIONS: &str = "embedding_dimensions";
 const META_METRIC: &str = "embedding_metric";
+const META_FIRST_RUN: &str = "first_run_done";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -184,6 +201,9 @@ struct Shared {
     stems: Stems,
     /// The metric `chunks_vec` gets if this process creates it (from `[store] distance`).
     metric: Metric,
+    /// (device, inode) of the file when this process opened it: a probe that finds another
+    /// file (or none) at the path says the store was deleted or replaced under the workers.
+    identity: (u64, u64),
 }
 
 impl EmbeddedStore {
@@ -202,10 +222,42 @@ impl EmbeddedStore {
         if config.distance == Distance::Dot {
             log::debug!("embedded store: distance \"dot\" is served as cosine");
         }
+        let marker = dir.join(MARKER_NAME);
+        let remembered = marker.exists();
+        let present = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+        if remembered && !present {
+            return Err(StoreError::Lost {
+                path,
+                marker,
+                what: "is missing (or empty)",
+            });
+        }
+        if !path.exists() {
+            // The one place the file is created; connections never create it.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(StoreError::CreateDir {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        let identity = file_identity(&path).map_err(|source| StoreError::CreateDir {
+            path: path.clone(),
+            source,
+        })?;
         let shared = Arc::new(Shared {
             path,
             stems: Stems::default(),
             metric,
+            identity,
         });
         let store = EmbeddedStore {
             shared,
@@ -214,12 +266,70 @@ impl EmbeddedStore {
         store
             .run(move |shared, conn| {
                 switch_to_wal(conn, &shared.path)?;
-                create_schema(conn, &shared.path)?;
+                create_schema(conn, &shared.path, remembered.then_some(marker.as_path()))?;
+                if !remembered {
+                    write_marker(&marker, &shared.path);
+                }
                 shared.warn_on_metric_change(conn);
                 Ok(())
             })
             .await?;
         Ok(store)
+    }
+
+    /// What `/health` asks: the path still holds the file this process opened, and a fresh
+    /// connection (no cached pages) can read it. Counts documents and chunks on the way.
+    pub async fn probe(&self) -> Result<StoreStats, StoreError> {
+        self.run(|shared, _| {
+            match file_identity(&shared.path) {
+                Ok(identity) if identity == shared.identity => {}
+                Ok(_) => {
+                    return Err(StoreError::Moved {
+                        path: shared.path.clone(),
+                        what: "was replaced by another file while serving (this process still \
+                               uses the old one); reload (HUP) to open the new one",
+                    })
+                }
+                Err(_) => {
+                    return Err(StoreError::Moved {
+                        path: shared.path.clone(),
+                        what: "was deleted while serving (writes go to the deleted copy); \
+                               restore it from a backup and reload",
+                    })
+                }
+            }
+            let fresh = open_connection(&shared.path)?;
+            count(&fresh).map_err(shared.sql_error("answer a probe"))
+        })
+        .await
+    }
+
+    /// Whether the first-run ingest of `docs_dir` already ran in this store's life.
+    pub async fn first_run_done(&self) -> Result<bool, StoreError> {
+        self.run(|shared, conn| {
+            conn.query_row(
+                "SELECT 1 FROM meta WHERE key = ?1",
+                [META_FIRST_RUN],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(shared.sql_error("read the first-run mark"))
+        })
+        .await
+    }
+
+    /// Records that the first-run ingest ran: it never runs again for this store.
+    pub async fn mark_first_run_done(&self) -> Result<(), StoreError> {
+        self.run(|shared, conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+                params![META_FIRST_RUN, super::now_unix()],
+            )
+            .map(|_| ())
+            .map_err(shared.sql_error("write the first-run mark"))
+        })
+        .await
     }
 
     /// The database file.
@@ -324,21 +434,8 @@ impl EmbeddedStore {
     }
 
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.run(|shared, conn| {
-            // One statement, one snapshot: the two counts agree with each other.
-            conn.query_row(
-                "SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)",
-                [],
-                |row| {
-                    Ok(StoreStats {
-                        documents: row.get::<_, i64>(0)? as u64,
-                        chunks: row.get::<_, i64>(1)? as u64,
-                    })
-                },
-            )
-            .map_err(shared.sql_error("count documents"))
-        })
-        .await
+        self.run(|shared, conn| count(conn).map_err(shared.sql_error("count documents")))
+            .await
     }
 
     /// Takes a connection and reads a table: proves the file is there and readable.
@@ -533,13 +630,55 @@ fn register_sqlite_vec() -> Result<(), StoreError> {
     }
 }
 
-/// A connection with this store's per-connection settings.
+/// Documents and chunks; one statement, one snapshot, so the two counts agree.
+fn count(conn: &Connection) -> rusqlite::Result<StoreStats> {
+    conn.query_row(
+        "SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)",
+        [],
+        |row| {
+            Ok(StoreStats {
+                documents: row.get::<_, i64>(0)? as u64,
+                chunks: row.get::<_, i64>(1)? as u64,
+            })
+        },
+    )
+}
+
+/// (device, inode) of a file.
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Writes the marker atomically (temp file, rename); a failure is logged, not fatal: the
+/// store works, it is only not protected against being re-created.
+fn write_marker(marker: &Path, path: &Path) {
+    let text = format!(
+        "ragpool keeps its embedded store in {} (created or first seen at unix time {}).\n\
+         While this file exists, ragpool refuses to start with that store missing or empty\n\
+         instead of silently creating a new one. Remove it only to start over deliberately.\n",
+        path.display(),
+        now_unix()
+    );
+    let temp = marker.with_extension(format!("tmp.{}", std::process::id()));
+    let written = std::fs::write(&temp, text).and_then(|()| std::fs::rename(&temp, marker));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        log::warn!("embedded store: cannot write {}: {e}", marker.display());
+    }
+}
+
+/// A connection with this store's per-connection settings. Never creates the file: only
+/// [`EmbeddedStore::open`] does, when the data directory has no store yet.
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let error = |source| StoreError::Open {
         path: path.to_path_buf(),
         source,
     };
-    let conn = Connection::open(path).map_err(error)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(error)?;
@@ -585,8 +724,13 @@ fn switch_to_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 }
 
 /// Creates the tables once; later opens only read `user_version` (no write lock, so a worker
-/// booting during a long ingest does not wait for it).
-fn create_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+/// booting during a long ingest does not wait for it). With a `marker` (a store lived here),
+/// a file without the tables is refused instead of being set up afresh.
+fn create_schema(
+    conn: &mut Connection,
+    path: &Path,
+    marker: Option<&Path>,
+) -> Result<(), StoreError> {
     let error = |source| StoreError::Open {
         path: path.to_path_buf(),
         source,
@@ -603,6 +747,13 @@ fn create_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     }
     if version == SCHEMA_VERSION {
         return Ok(());
+    }
+    if let Some(marker) = marker {
+        return Err(StoreError::Lost {
+            path: path.to_path_buf(),
+            marker: marker.to_path_buf(),
+            what: "has no ragpool tables (it was emptied or replaced)",
+        });
     }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)

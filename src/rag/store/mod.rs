@@ -111,6 +111,17 @@ pub enum StoreError {
     DimensionMismatch { expected: usize, got: usize },
     #[error("cannot store document {document:?}: {detail}")]
     InvalidDocument { document: String, detail: String },
+    #[error(
+        "the embedded store {path} {what}, but {marker} says a store was created there; \
+         restore the file from a backup, or remove {marker} to start with an empty store"
+    )]
+    Lost {
+        path: PathBuf,
+        marker: PathBuf,
+        what: &'static str,
+    },
+    #[error("the embedded store {path} {what}")]
+    Moved { path: PathBuf, what: &'static str },
     #[error("a store call did not finish: {0}")]
     Task(#[source] pool::PoolError),
 }
@@ -206,6 +217,33 @@ impl Store {
         match self {
             Store::Embedded(s) => s.stats().await,
             Store::Qdrant(s) => s.stats().await,
+        }
+    }
+
+    /// What `/health` asks: counts, read so that a store file deleted, replaced or corrupted
+    /// under a running worker is reported (embedded), or the server's answer (Qdrant).
+    pub async fn probe(&self) -> Result<StoreStats, StoreError> {
+        match self {
+            Store::Embedded(s) => s.probe().await,
+            Store::Qdrant(s) => s.stats().await,
+        }
+    }
+
+    /// Whether the first-run ingest of `docs_dir` already ran in this store's life. Embedded:
+    /// a mark in the file. Qdrant: the collection exists (documents created it; deleting them
+    /// all leaves it).
+    pub async fn first_run_done(&self) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(s) => s.first_run_done().await,
+            Store::Qdrant(s) => s.collection_exists().await,
+        }
+    }
+
+    /// Records that the first-run ingest ran (Qdrant: its collection is the record).
+    pub async fn mark_first_run_done(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.mark_first_run_done().await,
+            Store::Qdrant(_) => Ok(()),
         }
     }
 

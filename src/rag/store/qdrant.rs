@@ -526,6 +526,11 @@ impl QdrantStore {
         })
     }
 
+    /// Whether the collection exists (the first-run mark for this backend).
+    pub async fn collection_exists(&self) -> Result<bool, StoreError> {
+        Ok(self.fetch_shape().await?.is_some())
+    }
+
     pub async fn check(&self) -> Result<(), StoreError> {
         self.call("answer a health check", |c| c.health_check())
             .await?;

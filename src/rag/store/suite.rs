@@ -153,6 +153,7 @@ both_backends!(
     dimension_mismatch_is_refused,
     invalid_documents_are_refused,
     replace_is_atomic_for_concurrent_readers,
+    the_first_run_mark_outlives_every_document,
 );
 
 /// Compile-time check: the store is `Sync` and its futures `Send`, so a caller may share it or
@@ -711,7 +712,126 @@ async fn replace_is_atomic_for_concurrent_readers(store: &Store) {
     assert_eq!(store.stats().await.unwrap().chunks, sizes[last] as u64);
 }
 
+/// A fresh store has had no first run; once marked (Qdrant: once it holds anything) it has,
+/// and deleting every document does not undo that.
+async fn the_first_run_mark_outlives_every_document(store: &Store) {
+    assert!(!store.first_run_done().await.unwrap());
+    let id = match store
+        .upsert_document(doc("manual.md", "Manual", &["how to reload"]))
+        .await
+        .unwrap()
+    {
+        UpsertOutcome::Inserted(id) => id,
+        other => panic!("{other:?}"),
+    };
+    store.mark_first_run_done().await.unwrap();
+    assert!(store.first_run_done().await.unwrap());
+    assert!(store.delete_document(&id).await.unwrap());
+    assert_eq!(store.stats().await.unwrap().documents, 0);
+    assert!(store.first_run_done().await.unwrap());
+}
+
 // ----- the embedded store only -----------------------------------------------------------
+
+/// Once a store lived in a directory, it is never re-created there behind the operator's
+/// back: a missing, emptied or foreign file is an error that names the marker.
+#[tokio::test]
+async fn embedded_store_is_not_recreated_where_one_existed() {
+    let _sqlite = SQLITE_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = embedded_config(dir.path());
+    let file = dir.path().join(super::embedded::FILE_NAME);
+    let marker = dir.path().join(super::embedded::MARKER_NAME);
+    {
+        let store = Store::open(&config).await.unwrap();
+        store
+            .upsert_document(doc("a.md", "A", &["alpha"]))
+            .await
+            .unwrap();
+    }
+    assert!(marker.is_file());
+    // Reopening an intact store is fine.
+    Store::open(&config).await.unwrap().check().await.unwrap();
+
+    let refused = |e: StoreError, what: &str| {
+        let text = e.to_string();
+        assert!(matches!(e, StoreError::Lost { .. }), "{text}");
+        assert!(
+            text.contains(what) && text.contains("ragpool.initialised"),
+            "{text}"
+        );
+    };
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("ragpool.sqlite3{suffix}")));
+    }
+    std::fs::remove_file(&file).unwrap();
+    refused(Store::open(&config).await.err().unwrap(), "is missing");
+    assert!(
+        !file.exists(),
+        "a refused open must not leave a new file behind"
+    );
+    std::fs::write(&file, b"").unwrap();
+    refused(
+        Store::open(&config).await.err().unwrap(),
+        "is missing (or empty)",
+    );
+    // A valid SQLite file that is not ragpool's.
+    std::fs::remove_file(&file).unwrap();
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute_batch("CREATE TABLE other (x); INSERT INTO other VALUES (1);")
+        .unwrap();
+    refused(
+        Store::open(&config).await.err().unwrap(),
+        "has no ragpool tables",
+    );
+    // Removing the marker is the deliberate way to start over.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_file(&marker).unwrap();
+    let fresh = Store::open(&config).await.unwrap();
+    assert_eq!(fresh.stats().await.unwrap().documents, 0);
+}
+
+/// `/health`'s probe sees the file deleted, replaced or corrupted under an open store, which
+/// keeps answering from its open connections and cached pages.
+#[tokio::test]
+async fn embedded_probe_sees_the_file_deleted_replaced_or_corrupted() {
+    let _sqlite = SQLITE_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = embedded_config(dir.path());
+    let file = dir.path().join(super::embedded::FILE_NAME);
+    let store = Store::open(&config).await.unwrap();
+    store
+        .upsert_document(doc("a.md", "A", &["alpha"]))
+        .await
+        .unwrap();
+    assert_eq!(store.probe().await.unwrap().documents, 1);
+
+    // Corrupted in place (same inode): the header is garbage.
+    let original = std::fs::read(&file).unwrap();
+    let mut garbage = original.clone();
+    garbage[..100].fill(0x5a);
+    std::fs::write(&file, &garbage).unwrap();
+    let e = store.probe().await.unwrap_err().to_string();
+    assert!(
+        e.contains("not a database") || e.contains("malformed"),
+        "{e}"
+    );
+    std::fs::write(&file, &original).unwrap();
+    assert_eq!(store.probe().await.unwrap().documents, 1);
+
+    // Replaced by another file (a restore with `mv`): this process still has the old one.
+    let copy = dir.path().join("copy");
+    std::fs::write(&copy, &original).unwrap();
+    std::fs::rename(&copy, &file).unwrap();
+    let e = store.probe().await.unwrap_err().to_string();
+    assert!(e.contains("was replaced"), "{e}");
+
+    std::fs::remove_file(&file).unwrap();
+    let e = store.probe().await.unwrap_err().to_string();
+    assert!(e.contains("was deleted while serving"), "{e}");
+    assert!(!file.exists(), "the probe must not create the file again");
+}
 
 #[tokio::test]
 async fn embedded_file_is_in_wal_mode() {
