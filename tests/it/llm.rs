@@ -281,7 +281,7 @@ async fn hung_server_hits_the_first_token_timeout() {
     // A ping is bounded by connect_timeout.
     fake.set_hang(true);
     let started = Instant::now();
-    let error = generator.ping().await.expect_err("hung");
+    let error = generator.check_model().await.expect_err("hung");
     assert!(
         matches!(
             error,
@@ -346,7 +346,7 @@ async fn unreachable_server_is_a_quick_connect_error() {
         started.elapsed()
     );
 
-    let error = generator.ping().await.expect_err("nothing listens");
+    let error = generator.check_model().await.expect_err("nothing listens");
     assert!(matches!(error, LlmError::Connect { .. }), "{error:?}");
     let error = embedder(&embed_config(Provider::Ollama, &url))
         .embed(&["x".to_string()])
@@ -397,7 +397,7 @@ async fn http_errors_carry_status_and_upstream_message() {
     }
     assert!(error.is_unavailable());
     assert!(matches!(
-        generator.ping().await,
+        generator.check_model().await,
         Err(LlmError::Status { status: 503, .. })
     ));
 
@@ -413,7 +413,7 @@ async fn http_errors_carry_status_and_upstream_message() {
     );
 
     fake.set_status(0);
-    generator.ping().await.expect("healthy again");
+    generator.check_model().await.expect("healthy again");
     assert!(fake.counters().probes >= 1);
 }
 
@@ -577,18 +577,22 @@ async fn openai_ping_llama_cpp() {
     let Some(server) = LlamaServer::shared() else {
         return;
     };
-    let generator = generator(&llm_config(Provider::OpenAi, &server.url()));
+    let mut config = llm_config(Provider::OpenAi, &server.url());
+    config.model = "smollm2".into();
+    let generator = generator(&config);
     generator
-        .ping()
+        .check_model()
         .await
         .expect("llama.cpp answers /v1/models");
     // A base URL ending in /v1, as users paste it, works too.
     let generator = generator_v1(&server.url());
-    generator.ping().await.expect("no /v1/v1");
+    generator.check_model().await.expect("no /v1/v1");
 }
 
 fn generator_v1(url: &str) -> Generator {
-    generator(&llm_config(Provider::OpenAi, &format!("{url}/v1")))
+    let mut config = llm_config(Provider::OpenAi, &format!("{url}/v1"));
+    config.model = "smollm2".into();
+    generator(&config)
 }
 
 #[tokio::test]
@@ -598,7 +602,7 @@ async fn openai_ping_on_a_closed_port_fails() {
         &format!("http://127.0.0.1:{}", free_port()),
     ));
     let started = Instant::now();
-    let error = generator.ping().await.expect_err("nothing listens");
+    let error = generator.check_model().await.expect_err("nothing listens");
     assert!(matches!(error, LlmError::Connect { .. }), "{error:?}");
     assert!(error.is_unavailable());
     assert!(started.elapsed() < Duration::from_secs(1));
@@ -1170,5 +1174,82 @@ fn through_the_server_an_embedding_model_not_pulled_on_first_run_still_stores_th
         }),
         "{}",
         health(&addr)
+    );
+}
+
+#[test]
+fn on_the_page_reasoning_is_collapsed_apart_from_the_answer_and_a_cut_answer_says_so() {
+    use crate::support::webdriver::Browser;
+    let Some(browser) = Browser::start(390, 844) else {
+        return;
+    };
+    let answer = "Send HUP to the master to reload the workers [1].";
+    let fake = FakeOllama::with(FakeOptions {
+        answer: Some(answer.into()),
+        tokens: 8,
+        answer_duration: Duration::from_secs(1),
+        thinking: Some(THOUGHT.into()),
+        thinking_tokens: 6,
+        thinking_duration: Duration::from_secs(2),
+        ..FakeOptions::default()
+    });
+    // 6 thinking tokens + 3 of the answer: the budget runs out mid-answer.
+    let server = server_with(&fake, "think = true\nmax_tokens = 9", no_first_run());
+    let addr = seeded(&server);
+    browser.goto(&format!("http://{addr}/"));
+    let find = |css: &str| {
+        let mut found = None;
+        assert!(
+            wait_until(BOUND, || {
+                found = browser.find(css);
+                found.is_some()
+            }),
+            "no {css}"
+        );
+        found.expect("found")
+    };
+    let question = find("#question");
+    browser.send_keys(&question, "How do I reload the workers?");
+    browser.click(&find("#send"));
+    let card = find("#log .a");
+    assert!(
+        wait_until(BOUND, || browser.attribute(&card, "data-state").as_deref()
+            == Some("thinking")),
+        "the card says the model is thinking: {:?}",
+        browser.attribute(&card, "data-state")
+    );
+    assert_eq!(
+        browser.find_in(&card, ".status").map(|s| browser.text(&s)),
+        Some("The model is thinking…".to_string())
+    );
+    assert!(
+        wait_until(BOUND, || browser.attribute(&card, "data-state").as_deref()
+            == Some("done")),
+        "{:?}",
+        browser.text(&card)
+    );
+    let reasoning = browser
+        .find_in(&card, "details.reasoning")
+        .expect("a reasoning block");
+    assert_eq!(browser.property(&reasoning, "open"), false, "collapsed");
+    assert_eq!(
+        browser
+            .find_in(&reasoning, "summary")
+            .map(|s| browser.text(&s)),
+        Some("Reasoning".to_string())
+    );
+    assert_eq!(
+        browser.property(&reasoning, "textContent"),
+        format!("Reasoning{THOUGHT}")
+    );
+    let shown = browser.find_in(&card, ".answer").map(|a| browser.text(&a));
+    assert_eq!(
+        shown,
+        Some(split_tokens(answer, 8)[..3].concat()),
+        "no reasoning in the answer"
+    );
+    assert_eq!(
+        browser.find_in(&card, ".cut").map(|c| browser.text(&c)),
+        Some("The answer was cut off: the model reached its length limit.".to_string())
     );
 }

@@ -1,5 +1,6 @@
 //! Chat messages -> a stream of tokens through a generation server: Ollama's `POST /api/chat`
-//! (NDJSON) or OpenAI's `POST /v1/chat/completions` (server-sent events); `ping` for `/health`.
+//! (NDJSON) or OpenAI's `POST /v1/chat/completions` (server-sent events); `check_model` for
+//! `/health`.
 //!
 //! Owns the request shapes and the three bounds of a generation: connecting
 //! (`connect_timeout`, reqwest's), the first token (`first_token_timeout`, which also covers
@@ -28,9 +29,9 @@ use crate::config::app::{KeepAlive, LlmConfig, Provider};
 /// A generation client for one model on one server (enum dispatch over the two protocols).
 #[derive(Debug)]
 pub enum Generator {
-    /// `POST {url}/api/chat`, NDJSON lines; ping = `GET {url}/api/version`.
+    /// `POST {url}/api/chat`, NDJSON lines; model check = `GET {url}/api/tags`.
     Ollama(ChatClient),
-    /// `POST {url}/v1/chat/completions`, SSE; ping = `GET {url}/v1/models`.
+    /// `POST {url}/v1/chat/completions`, SSE; model check = `GET {url}/v1/models`.
     OpenAi(ChatClient),
 }
 
@@ -41,7 +42,7 @@ pub struct ChatClient {
     model: String,
     /// `[llm] timeout`: the whole generation, from sending the request to the last token.
     timeout: Duration,
-    /// `[llm] connect_timeout`: TCP connect, and the whole of a ping.
+    /// `[llm] connect_timeout`: TCP connect, and the whole of a model check.
     connect_timeout: Duration,
     /// `[llm] first_token_timeout`: from sending the request to the first non-empty token.
     first_token_timeout: Duration,
@@ -55,7 +56,7 @@ pub struct ChatClient {
 
 impl Generator {
     /// The configured generator, or `None` when `[llm] provider = "none"` (extractive answers
-    /// only). Connects lazily: use [`Generator::ping`] to probe.
+    /// only). Connects lazily: use [`Generator::check_model`] to probe.
     pub fn new(config: &LlmConfig) -> Result<Option<Generator>, LlmError> {
         let client = |config: &LlmConfig| -> Result<ChatClient, LlmError> {
             Ok(ChatClient {
@@ -178,42 +179,9 @@ impl Generator {
         Ok(Box::pin(tokens))
     }
 
-    /// A cheap reachability probe for `/health`: `GET /api/version` (Ollama) or `GET /v1/models`
-    /// (OpenAI), the whole exchange bounded by `connect_timeout`.
-    pub async fn ping(&self) -> Result<(), LlmError> {
-        let client = self.client();
-        let url = match self {
-            Generator::Ollama(c) => c.endpoint.url("/api/version"),
-            Generator::OpenAi(c) => c.endpoint.url("/v1/models"),
-        };
-        let exchange = async {
-            let response = client
-                .endpoint
-                .get(&url)
-                .send()
-                .await
-                .map_err(|e| request_error(&url, e))?;
-            if !response.status().is_success() {
-                return Err(status_error(&url, response, client.connect_timeout).await);
-            }
-            // Read the (small) body so the connection goes back to the pool.
-            response.bytes().await.map_err(|e| request_error(&url, e))?;
-            Ok(())
-        };
-        match tokio::time::timeout(client.connect_timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(LlmError::Timeout {
-                url,
-                kind: TimeoutKind::Ping,
-                after: client.connect_timeout,
-            }),
-        }
-    }
-
     /// Whether the configured model is there: Ollama's `GET /api/tags` (then `POST /api/show`
     /// if the list does not name it, since Ollama resolves names its own way), or the ids of
-    /// OpenAI's `GET /v1/models`. Bounded by `connect_timeout`, like a ping; an unreachable
-    /// server is the same error as for a ping.
+    /// OpenAI's `GET /v1/models`. Bounded by `connect_timeout` (a [`TimeoutKind::Ping`]).
     pub async fn check_model(&self) -> Result<(), LlmError> {
         let c = self.client();
         let exchange = async {

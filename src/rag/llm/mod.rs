@@ -10,7 +10,7 @@
 //!
 //! - [`Embedder`] (`embed.rs`): texts in, vectors out, batched.
 //! - [`Generator`] (`generate.rs`): chat messages in, a [`TokenStream`] of [`Chunk`]s out
-//!   (answer, reasoning, how it finished); `ping` and `check_model` for `/health`.
+//!   (answer, reasoning, how it finished); `check_model` for `/health`.
 //! - `models.rs`: whether a server has the configured model (`/api/tags`, `/v1/models`).
 //! - `lines.rs`: bytes -> lines across arbitrary chunk boundaries (CR, LF, CRLF).
 //! - `ndjson.rs` / `sse.rs`: Ollama's NDJSON and OpenAI's server-sent events -> [`ChatEvent`]s.
@@ -92,7 +92,7 @@ pub enum TimeoutKind {
     Generation,
     /// `[embed] timeout`: one embedding request took too long.
     Embedding,
-    /// `[llm] connect_timeout` used as the bound of a reachability probe.
+    /// `[llm] connect_timeout` used as the bound of a model check (a reachability probe).
     Ping,
 }
 
