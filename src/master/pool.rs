@@ -1057,10 +1057,14 @@ impl Pool {
             return;
         }
         let number = self.serving.number;
-        let serving = (0..self.serving.target())
-            .filter(|seat| {
-                self.occupant_of(number, *seat)
-                    .is_some_and(|w| w.state == WorkerState::Serving)
+        // Workers marked for recycling have left their seats but serve until their
+        // replacements do (say every first heartbeat is over `max_worker_memory`): they count.
+        let serving = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.generation == number
+                    && matches!(w.state, WorkerState::Serving | WorkerState::Recycling(_))
             })
             .count();
         if serving < self.serving.target() {

@@ -594,6 +594,29 @@ fn recycling_boots_the_replacement_first_and_retires_once_it_serves() {
 }
 
 #[test]
+fn a_first_generation_marked_for_recycling_as_it_boots_still_reports_ready() {
+    // max_worker_memory below any real worker: each one is marked for recycling on the same
+    // turn it reports ready. The pool must still say READY once every seat serves.
+    let mut sim = Sim::new(Spec {
+        max_worker_memory_mib: 1,
+        ..spec(1)
+    });
+    sim.send(Event::Start);
+    let first = sim.forked[0];
+    let out = sim.tick(vec![Sample {
+        ready: true,
+        rss_mib: 18,
+        ..sample(first)
+    }]);
+    assert_eq!(spawns(&out), 1, "the replacement boots first");
+    assert!(
+        out.iter().any(|c| matches!(c, Command::NotifyReady { .. })),
+        "a recycling worker still serves its seat: {out:?}"
+    );
+    assert_eq!(sim.pool.phase(), Phase::Running);
+}
+
+#[test]
 fn a_recycled_worker_keeps_serving_while_its_replacement_fails_to_boot() {
     let mut sim = Sim::serving_with(Spec {
         max_requests: 10,
