@@ -268,9 +268,15 @@ fn reload(source: ConfigSource, pid: Option<i32>, timeout: Duration) -> ExitCode
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ragpool: error: {e}");
+            // As ExecReload=, this goes to the journal: at error priority, as the master's line.
+            let prefix = if ragpool::logging::stderr_is_journal() {
+                "<3>"
+            } else {
+                ""
+            };
+            eprintln!("{prefix}ragpool: error: {e}");
             if let Err(config_error) = config::load(&source) {
-                eprintln!("ragpool: error: {config_error}");
+                eprintln!("{prefix}ragpool: error: {config_error}");
             }
             ExitCode::FAILURE
         }

@@ -62,7 +62,7 @@ fn syslog_priority(level: log::Level) -> u8 {
 
 /// Whether standard error is the stream systemd named in `JOURNAL_STREAM` ("device:inode"):
 /// the variable alone is not enough, as it is inherited by processes whose stderr was redirected.
-fn stderr_is_journal() -> bool {
+pub fn stderr_is_journal() -> bool {
     let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };

@@ -264,8 +264,21 @@ impl Drop for Container {
             self.nspawn.try_wait().ok().flatten().is_some()
         });
         if !stopped {
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
+            // SIGKILL to the container's PID 1 ends its whole pid namespace (killing nspawn
+            // alone would leave the container running); nspawn then exits by itself.
+            if self.leader > 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.leader),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let exited = wait_until(Duration::from_secs(10), || {
+                self.nspawn.try_wait().ok().flatten().is_some()
+            });
+            if !exited {
+                let _ = self.nspawn.kill();
+                let _ = self.nspawn.wait();
+            }
         }
         // systemd made sub-cgroups (payload/, supervisor/...): remove the tree, deepest first.
         for cgroup in &self.cgroups {
@@ -568,6 +581,8 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     // ----- priorities reach the journal: -p warning shows the errors, not the info --------
     let warnings = c.journal("-p warning");
     assert!(warnings.contains("Reload rejected"), "{warnings}");
+    // ... and ExecReload's own complaint.
+    assert!(warnings.contains("the reload failed"), "{warnings}");
     assert!(!warnings.contains("are serving"), "{warnings}");
     assert!(c.journal("").contains("are serving"));
 

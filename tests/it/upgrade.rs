@@ -193,3 +193,127 @@ fn an_upgrade_hands_systemd_the_new_main_pid_and_never_says_stopping() {
         "{messages:?}"
     );
 }
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What systemd gives a socket-activated, watchdog-supervised service: sockets by
+/// systemd-socket-activate (LISTEN_FDS/LISTEN_PID), WATCHDOG_USEC with WATCHDOG_PID naming the
+/// master (set by a shell that then execs it, so `$$` is the master's pid), a NOTIFY_SOCKET.
+#[test]
+fn an_upgrade_keeps_the_activated_socket_pets_the_watchdog_and_leaves_the_old_masters_tree() {
+    if !Path::new("/usr/bin/systemd-socket-activate").exists() {
+        panic!("systemd-socket-activate is missing: apt-get install systemd (CI installs it)");
+    }
+    let sockets = tempfile::tempdir().unwrap();
+    let socket_path = sockets.path().join("activated.sock");
+    let listen = socket_path.display().to_string();
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // systemd-socket-activate clears the environment but for what -E names.
+    let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
+    let server = ServerProcess::launch(
+        // `bind` names a TCP port: under activation, before and after the upgrade, it is ignored.
+        &config(1, ""),
+        Launch {
+            wrapper: &[
+                "systemd-socket-activate",
+                "-l",
+                &listen,
+                "-E",
+                &notify_env,
+                "-E",
+                "WATCHDOG_USEC=1000000",
+                "sh",
+                "-c",
+                "WATCHDOG_PID=$$ exec \"$0\" \"$@\"",
+            ],
+            ..Launch::default()
+        },
+    );
+    // The first connection triggers the activation (systemd-socket-activate execs on it).
+    let mut last = None;
+    assert!(
+        wait_until(BOUND, || {
+            last = Some(http::get_unix(&socket_path, "/health"));
+            last.as_ref()
+                .unwrap()
+                .as_ref()
+                .is_ok_and(|r| r.status == 200)
+        }),
+        "{last:?}\n{}",
+        server.logs()
+    );
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut read = |messages: &mut Vec<String>| {
+        if let Ok(n) = notify.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    assert!(wait_until(BOUND, || {
+        read(&mut messages);
+        messages.iter().any(|m| m.contains("READY=1"))
+    }));
+    assert!(messages.iter().any(|m| m.contains("WATCHDOG=1")));
+
+    server.signal(Signal::SIGUSR2);
+    assert!(
+        wait_until(BOUND, || {
+            read(&mut messages);
+            messages.iter().any(|m| m.contains("MAINPID="))
+        }),
+        "{messages:?}\n{}",
+        server.logs()
+    );
+    let new_master: i32 = messages
+        .iter()
+        .find_map(|m| m.lines().find_map(|l| l.strip_prefix("MAINPID=")))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Not the old master's child: under systemd it is PID 1's (the service manager's).
+    assert_ne!(parent_of(new_master), Some(server.pid()));
+    assert!(wait_until(BOUND, || !is_running(server.pid())));
+    // Only the new master is left to pet the watchdog, and it does, more than once.
+    messages.clear();
+    assert!(
+        wait_until(BOUND, || {
+            read(&mut messages);
+            messages.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2
+        }),
+        "the new master does not pet the watchdog: {messages:?}\n{}",
+        server.logs()
+    );
+    // It serves the activated socket, whose file the old master's exit left in place, and
+    // bound nothing of its own.
+    assert!(
+        socket_path.exists(),
+        "the activated socket's file was removed"
+    );
+    assert_eq!(http::get_unix(&socket_path, "/health").unwrap().status, 200);
+    let logs = server.logs();
+    let new_master_lines = format!("[{new_master}] [INFO] Listening at: ");
+    assert!(
+        logs.contains(&format!("{new_master_lines}unix:{listen}")),
+        "{logs}"
+    );
+    assert!(!logs.contains("Listening at: http://"), "{logs}");
+    let _ = kill(Pid::from_raw(new_master), Signal::SIGTERM);
+    assert!(wait_until(BOUND, || !is_running(new_master)));
+    assert!(
+        socket_path.exists(),
+        "the new master removed systemd's socket file"
+    );
+}
