@@ -469,6 +469,68 @@ fn answers_go_on_while_a_qdrant_cluster_node_is_killed_and_restarted() {
     );
     assert_eq!(outcome, "inserted");
     assert!(sources_of(&ask(&addr, "quokka enclosure")).contains(&"After the drill".to_string()));
+
+    // Two of the three nodes down: some shards have no copy left. An ingest of a document of
+    // many chunks then fails with a clear error, and once the nodes are back nothing of it
+    // shows (or, had it succeeded, all of it).
+    cluster.nodes[1].kill();
+    cluster.nodes[2].kill();
+    let paragraphs: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                "Blimp mooring step {i}: the ground crew checks line {i} twice before the mast."
+            )
+        })
+        .collect();
+    let text = format!("# Blimp mooring\n\n{}", paragraphs.join("\n\n"));
+    let body = json!({ "title": "Blimp mooring", "text": text }).to_string();
+    let started = Instant::now();
+    let r = post(
+        &addr,
+        "/api/documents",
+        "application/json",
+        body.as_bytes(),
+        &[AUTH],
+    );
+    let stored = match &r {
+        Ok(r) if r.status == 201 => true,
+        Ok(r) => {
+            assert!(r.status >= 500, "{} {}", r.status, r.body);
+            let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+            assert!(!error.is_empty() && !error.contains("tonic"), "{}", r.body);
+            eprintln!(
+                "ingest with 2 of 3 nodes down: {} after {:?}: {error}",
+                r.status,
+                started.elapsed()
+            );
+            false
+        }
+        Err(e) => panic!("the ingest got no answer: {e}"),
+    };
+    for node in &mut cluster.nodes[1..] {
+        node.restart().expect("the killed node restarts");
+    }
+    assert!(
+        wait_until(BOUND, || {
+            let states = replica_states(&cluster.nodes[0]);
+            states.len() == 6 && states.iter().all(|s| s == "Active")
+        }),
+        "the replicas recovered: {:?}",
+        replica_states(&cluster.nodes[0])
+    );
+    let listed = http::get(&addr, "/api/documents").unwrap().json();
+    let in_list = listed["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["title"] == "Blimp mooring");
+    let answer = ask(&addr, "blimp mooring ground crew mast");
+    let shown = sources_of(&answer).contains(&"Blimp mooring".to_string());
+    assert_eq!(
+        (in_list, shown),
+        (stored, stored),
+        "whole or absent: {answer}"
+    );
 }
 
 /// `POST /api/ask` through nginx from the loopback address `source` (nginx rate-limits per
