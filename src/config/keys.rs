@@ -202,7 +202,7 @@ keys! {
     RAG_CHUNK_OVERLAP: "rag" "chunk_overlap", int(100, 0, 50_000), "characters shared by neighbouring chunks (less than `chunk_size`)";
     RAG_TOP_K: "rag" "top_k", int(5, 1, super::app::MAX_TOP_K as i64), "passages given to the LLM (a request may ask for 1 to 50)";
     RAG_MAX_QUESTION_CHARS: "rag" "max_question_chars", int(2000, 10, 100_000), "longest question in characters";
-    RAG_DOCS_DIR: "rag" "docs_dir", text("docs"), "ingested on a first start with an empty store";
+    RAG_DOCS_DIR: "rag" "docs_dir", text("docs"), "ingested once in a store's life, on its first start (deleting the documents does not bring them back)";
     RAG_INGEST_DOCS_ON_FIRST_RUN: "rag" "ingest_docs_on_first_run", Kind::Bool { default: true }, "whether to do that";
     RAG_EXTRACT_TIMEOUT: "rag" "extract_timeout", secs(60.0, 1.0, HOUR),
         "seconds one HTML/PDF parse may take in its sandboxed helper process; past it `422`";

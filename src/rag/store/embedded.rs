@@ -280,28 +280,13 @@ impl EmbeddedStore {
     /// What `/health` asks: the path still holds the file this process opened, and a fresh
     /// connection (no cached pages) can read it. Counts documents and chunks on the way.
     pub async fn probe(&self) -> Result<StoreStats, StoreError> {
-        self.run(|shared, _| {
-            match file_identity(&shared.path) {
-                Ok(identity) if identity == shared.identity => {}
-                Ok(_) => {
-                    return Err(StoreError::Moved {
-                        path: shared.path.clone(),
-                        what: "was replaced by another file while serving (this process still \
-                               uses the old one); reload (HUP) to open the new one",
-                    })
-                }
-                Err(_) => {
-                    return Err(StoreError::Moved {
-                        path: shared.path.clone(),
-                        what: "was deleted while serving (writes go to the deleted copy); \
-                               restore it from a backup and reload",
-                    })
-                }
-            }
-            let fresh = open_connection(&shared.path)?;
-            count(&fresh).map_err(shared.sql_error("answer a probe"))
-        })
-        .await
+        let shared = Arc::clone(&self.shared);
+        // Not `run`: that opens the thread's connection first, which fails on a deleted file
+        // with a vaguer message than the identity check gives.
+        self.pool
+            .run(move |_: &mut Option<Connection>| shared.probe())
+            .await
+            .map_err(|e| self.pool_error(e))?
     }
 
     /// Whether the first-run ingest of `docs_dir` already ran in this store's life.
@@ -463,18 +448,45 @@ impl EmbeddedStore {
                 f(&shared, conn)
             })
             .await
-            .map_err(|e| match e {
-                PoolError::ForeignProcess { owner, this } => StoreError::ForeignProcess {
-                    path: self.shared.path.clone(),
-                    opened_in: owner,
-                    used_in: this,
-                },
-                other => StoreError::Task(other),
-            })?
+            .map_err(|e| self.pool_error(e))?
+    }
+
+    fn pool_error(&self, e: PoolError) -> StoreError {
+        match e {
+            PoolError::ForeignProcess { owner, this } => StoreError::ForeignProcess {
+                path: self.shared.path.clone(),
+                opened_in: owner,
+                used_in: this,
+            },
+            other => StoreError::Task(other),
+        }
     }
 }
 
 impl Shared {
+    /// See [`EmbeddedStore::probe`].
+    fn probe(&self) -> Result<StoreStats, StoreError> {
+        match file_identity(&self.path) {
+            Ok(identity) if identity == self.identity => {}
+            Ok(_) => {
+                return Err(StoreError::Moved {
+                    path: self.path.clone(),
+                    what: "was replaced by another file while serving (this process still \
+                           uses the old one); reload (HUP) to open the new one",
+                })
+            }
+            Err(_) => {
+                return Err(StoreError::Moved {
+                    path: self.path.clone(),
+                    what: "was deleted while serving (writes go to the deleted copy); \
+                           restore it from a backup and reload",
+                })
+            }
+        }
+        let fresh = open_connection(&self.path)?;
+        count(&fresh).map_err(self.sql_error("answer a probe"))
+    }
+
     fn sql_error(
         &self,
         action: &'static str,
