@@ -76,6 +76,16 @@ enum Command {
         #[arg(long)]
         reembed: bool,
     },
+    /// Internal (benches/retrieval.sh): reads one question a line on stdin and prints, per
+    /// question, one JSON line with the ranked hits `retrieve` returns (source, position, score).
+    #[command(hide = true)]
+    Search {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How many results per question.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+    },
     /// Internal: the sandboxed document parser. Reads one document on stdin, prints its text as
     /// JSON; started by ragpool itself under resource limits.
     #[command(hide = true)]
@@ -122,6 +132,7 @@ fn main() -> ExitCode {
             &paths,
             reembed,
         ),
+        Command::Search { config, k } => search(ConfigSource::new(config, Overrides::default()), k),
         Command::Extract { format, max_text } => extract(&format, max_text),
     }
 }
@@ -291,6 +302,57 @@ fn master_pid_from_pidfile(source: &ConfigSource) -> Option<i32> {
 
 /// `ragpool ingest`: its own process and runtime (never the master's), the same store as the
 /// workers; prints one line per document and exits 1 if any failed.
+/// `ragpool search` (hidden): the ranking `ask` would use, for the retrieval bench. A failed
+/// question prints `{"question", "error"}` and the rest go on.
+fn search(source: ConfigSource, k: usize) -> ExitCode {
+    let config = match config::load(&source) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ragpool: error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(ragpool::worker::BLOCKING_THREADS)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ragpool: error: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let rag = match ragpool::rag::engine::Rag::open(&config).await {
+            Ok(rag) => rag,
+            Err(e) => {
+                eprintln!("ragpool: error: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        };
+        for line in std::io::stdin().lines() {
+            let Ok(question) = line else { break };
+            let mut timings = ragpool::rag::engine::Timings::default();
+            let line = match rag.retrieve(&question, k, &mut timings).await {
+                Ok(hits) => serde_json::json!({
+                    "question": question,
+                    "retrieve_ms": timings.retrieve_ms,
+                    "hits": hits.iter().map(|h| serde_json::json!({
+                        "source": h.source,
+                        "position": h.position,
+                        "score": h.score,
+                    })).collect::<Vec<_>>(),
+                }),
+                Err(e) => serde_json::json!({"question": question, "error": error_chain(&e)}),
+            };
+            println!("{line}");
+        }
+        ExitCode::SUCCESS
+    })
+}
+
 fn ingest(source: ConfigSource, paths: &[PathBuf], reembed: bool) -> ExitCode {
     let config = match config::load(&source) {
         Ok(config) => config,
