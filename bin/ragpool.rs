@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ragpool::config::{self, ConfigSource, Overrides};
 use ragpool::master::{self, MasterError};
+use ragpool::rag::engine::{IngestStep, IngestTally};
 use ragpool::rag::UpsertOutcome;
 
 #[derive(Parser)]
@@ -381,47 +382,33 @@ fn ingest(source: ConfigSource, paths: &[PathBuf], reembed: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let mut counts = [0usize; 4]; // inserted, replaced, unchanged, failed
+        let mut tally = IngestTally::default();
         for path in paths {
-            let files = match rag.extractor().load_path(path) {
-                Ok(files) => files,
+            let run = rag.ingest_path(path.clone(), |step| match step {
+                IngestStep::Stored { source, outcome } => match outcome {
+                    UpsertOutcome::Inserted(id) => println!("inserted   {source} ({id})"),
+                    UpsertOutcome::Replaced(id) => println!("replaced   {source} ({id})"),
+                    UpsertOutcome::Unchanged(id) => println!("unchanged  {source} ({id})"),
+                },
+                IngestStep::Failed { source, error } => {
+                    eprintln!("failed     {source}: {}", error_chain(error))
+                }
+                IngestStep::Unloadable(error) => eprintln!("failed     {error}"),
+            });
+            match run.await {
+                Ok(run) => tally += run,
                 Err(e) => {
                     eprintln!("failed     {}: {e}", path.display());
-                    counts[3] += 1;
-                    continue;
-                }
-            };
-            for file in files {
-                let doc = match file {
-                    Ok(doc) => doc,
-                    Err(e) => {
-                        eprintln!("failed     {e}");
-                        counts[3] += 1;
-                        continue;
-                    }
-                };
-                let source = doc.source.clone();
-                match rag.ingest(doc).await {
-                    Ok(UpsertOutcome::Inserted(id)) => {
-                        counts[0] += 1;
-                        println!("inserted   {source} ({id})");
-                    }
-                    Ok(UpsertOutcome::Replaced(id)) => {
-                        counts[1] += 1;
-                        println!("replaced   {source} ({id})");
-                    }
-                    Ok(UpsertOutcome::Unchanged(id)) => {
-                        counts[2] += 1;
-                        println!("unchanged  {source} ({id})");
-                    }
-                    Err(e) => {
-                        counts[3] += 1;
-                        eprintln!("failed     {source}: {}", error_chain(&e));
-                    }
+                    tally.failed += 1;
                 }
             }
         }
-        let [inserted, replaced, unchanged, mut failed] = counts;
+        let IngestTally {
+            inserted,
+            replaced,
+            unchanged,
+            mut failed,
+        } = tally;
         if !paths.is_empty() {
             println!(
                 "{inserted} inserted, {replaced} replaced, {unchanged} unchanged, {failed} failed"

@@ -69,6 +69,67 @@ pub struct Source {
     pub score: f32,
 }
 
+/// What became of one file of an ingest run ([`Rag::ingest_path`]).
+#[derive(Debug)]
+pub enum IngestStep {
+    /// Inserted, replaced, or found unchanged.
+    Stored {
+        source: String,
+        outcome: UpsertOutcome,
+    },
+    /// Loaded, then refused by the store or the embedder: nothing of it was stored.
+    Failed { source: String, error: RagError },
+    /// The file could not be read or parsed (the error names the file and the reason).
+    Unloadable(IngestError),
+}
+
+impl IngestStep {
+    /// Why this file was not stored, if it was not.
+    pub fn error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            IngestStep::Stored { .. } => None,
+            IngestStep::Failed { error, .. } => Some(error),
+            IngestStep::Unloadable(error) => Some(error),
+        }
+    }
+}
+
+/// The counts of an ingest run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IngestTally {
+    pub inserted: usize,
+    pub replaced: usize,
+    pub unchanged: usize,
+    pub failed: usize,
+}
+
+impl std::ops::AddAssign for IngestTally {
+    fn add_assign(&mut self, other: IngestTally) {
+        self.inserted += other.inserted;
+        self.replaced += other.replaced;
+        self.unchanged += other.unchanged;
+        self.failed += other.failed;
+    }
+}
+
+impl IngestTally {
+    fn count(&mut self, step: &IngestStep) {
+        match step {
+            IngestStep::Stored { outcome, .. } => match outcome {
+                UpsertOutcome::Inserted(_) => self.inserted += 1,
+                UpsertOutcome::Replaced(_) => self.replaced += 1,
+                UpsertOutcome::Unchanged(_) => self.unchanged += 1,
+            },
+            IngestStep::Failed { .. } | IngestStep::Unloadable(_) => self.failed += 1,
+        }
+    }
+
+    /// Files that are in the store now, changed or not.
+    pub fn stored(&self) -> usize {
+        self.inserted + self.replaced + self.unchanged
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -283,6 +344,33 @@ impl Rag {
     }
 
     // ----- ingest --------------------------------------------------------------------------
+
+    /// The one ingest loop, for `ragpool ingest` and the first-run ingest alike: every file
+    /// under `path` (a file or a folder) is loaded and stored in turn, and `each` hears what
+    /// became of it. A bad file is a step of its own, never the end of the folder. Err only
+    /// when `path` itself cannot be read.
+    pub async fn ingest_path(
+        &self,
+        path: std::path::PathBuf,
+        mut each: impl FnMut(&IngestStep),
+    ) -> Result<IngestTally, IngestError> {
+        let mut tally = IngestTally::default();
+        for file in self.load_path(path).await? {
+            let step = match file {
+                Ok(doc) => {
+                    let source = doc.source.clone();
+                    match self.ingest(doc).await {
+                        Ok(outcome) => IngestStep::Stored { source, outcome },
+                        Err(error) => IngestStep::Failed { source, error },
+                    }
+                }
+                Err(error) => IngestStep::Unloadable(error),
+            };
+            tally.count(&step);
+            each(&step);
+        }
+        Ok(tally)
+    }
 
     /// Chunks, embeds and stores one document; an unchanged one costs one hash lookup.
     pub async fn ingest(&self, doc: LoadedDocument) -> Result<UpsertOutcome, RagError> {
@@ -925,29 +1013,21 @@ impl Rag {
         if !self.first_run_pending().await {
             return false;
         }
-        let files = match self.load_path(docs.clone()).await {
-            Ok(files) => files,
+        let tally = match self
+            .ingest_path(docs.clone(), |step| {
+                if let Some(error) = step.error() {
+                    log::warn!("first run: {error}");
+                }
+            })
+            .await
+        {
+            Ok(tally) => tally,
             Err(e) => {
                 log::warn!("first run: cannot read {}: {e}", docs.display());
                 return false;
             }
         };
-        let (mut stored, mut failed) = (0, 0);
-        for file in files {
-            match file {
-                Ok(doc) => match self.ingest(doc).await {
-                    Ok(_) => stored += 1,
-                    Err(e) => {
-                        failed += 1;
-                        log::warn!("first run: {e}");
-                    }
-                },
-                Err(e) => {
-                    failed += 1;
-                    log::warn!("first run: {e}");
-                }
-            }
-        }
+        let (stored, failed) = (tally.stored(), tally.failed);
         if let Err(e) = self.store.mark_first_run_done().await {
             log::warn!("first run: cannot record that it ran (it may run again): {e}");
         }
