@@ -141,6 +141,7 @@ fn check_refuses_absurd_numbers_naming_key_line_and_limit() {
         let (code, _, stderr) = check(doc);
         assert_eq!(code, 2, "{doc}: {stderr}");
         assert!(stderr.contains(want), "{doc}: {stderr}");
+        eprintln!("case | ragpool check, absurd value | refused (exit 2): {want}");
     }
 }
 

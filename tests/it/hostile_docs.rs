@@ -364,6 +364,14 @@ fn hostile_uploads_under_health_load_kill_no_worker_and_each_gets_a_clear_answer
         health_ok.load(Ordering::Relaxed),
         health_failed.load(Ordering::Relaxed)
     );
+    server.report_case(
+        &format!(
+            "{rounds} hostile uploads in a row ({} kinds) under /health load",
+            cases.len()
+        ),
+        rounds as u64 + health_ok.load(Ordering::Relaxed) + health_failed.load(Ordering::Relaxed),
+        health_failed.load(Ordering::Relaxed),
+    );
     assert_eq!(server.workers(), workers, "a worker died or was replaced");
     assert_eq!(server.count_in_log("exited with"), 0, "{}", server.logs());
     assert_eq!(health_failed.load(Ordering::Relaxed), 0);
@@ -446,11 +454,22 @@ fn ingest_of_a_folder_with_hostile_files_stores_the_good_ones_and_names_the_bad(
         stdout.contains("3 inserted, 0 replaced, 0 unchanged, 2 failed"),
         "{stdout}"
     );
+    eprintln!(
+        "case | ragpool ingest of a folder: 3 good files, 2 hostile PDFs | 5 files | 2 failed, \
+         each named with its reason, the other 3 stored | exit code {:?}",
+        out.status.code()
+    );
 }
 
 // ----- the store file ------------------------------------------------------------------------
 
+thread_local! {
+    /// `/health` requests this test (its thread) sent, for its row of the table.
+    static HEALTH_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn health(addr: &str) -> (u16, serde_json::Value) {
+    HEALTH_CALLS.with(|c| c.set(c.get() + 1));
     let r = http::get(addr, "/health").unwrap();
     (r.status, r.json())
 }
@@ -557,6 +576,11 @@ fn a_deleted_store_file_is_store_down_and_a_hup_does_not_recreate_it() {
     assert!(!file.exists(), "a fresh store was created");
     assert_eq!(server.count_in_log("first run: ingested"), 1);
     down_everywhere(&addr);
+    server.report_case(
+        "store file deleted while serving, then HUP (new generation refuses to boot)",
+        HEALTH_CALLS.with(|c| c.get()),
+        0,
+    );
 }
 
 /// Waits until ten `/health` calls in a row (spread over the workers) answer 503; the last.
@@ -599,5 +623,10 @@ fn a_corrupted_store_file_is_store_down_with_the_reason() {
     assert!(
         detail.contains("not a database") || detail.contains("malformed"),
         "{h}"
+    );
+    server.report_case(
+        "store file overwritten with garbage while serving",
+        HEALTH_CALLS.with(|c| c.get()) + 1,
+        0,
     );
 }

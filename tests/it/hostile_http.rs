@@ -140,6 +140,11 @@ fn a_16_mib_json_body_is_refused_while_reading_with_bounded_memory() {
     println!(
         "hostile: 16 MiB JSON bodies: 1 declared + 8 chunked, {refused}/8 chunked got 413, slowest {slowest:?}, worker peak RSS +{grew_kib} KiB"
     );
+    server.report_case(
+        "16 MiB JSON body to /api/ask: 1 declared + 8 chunked at once",
+        9,
+        8 - refused as u64,
+    );
     assert_eq!(refused, 8, "{results:?}");
     assert!(slowest < Duration::from_secs(10), "{results:?}");
     // Buffering the bodies would be 8 x 16 MiB; reading to the limit is 8 x 32 KiB.
@@ -173,6 +178,8 @@ fn a_body_that_never_completes_is_cut_with_408() {
         "cut after {waited:?}"
     );
     assert_eq!(http::get(&addr, "/health").unwrap().status, 200);
+    eprintln!("hostile: a body that never completes (body_timeout = 1): 408 after {waited:?}");
+    server.report_case("a body that never completes, then /health", 2, 0);
 }
 
 #[test]
@@ -187,7 +194,7 @@ fn a_client_that_half_closes_after_its_request_still_gets_the_response() {
             body.len()
         ),
     ];
-    let mut answered = 0;
+    let mut answered = 0u64;
     for request in &requests {
         for _ in 0..10 {
             let mut stream = TcpStream::connect(&addr).unwrap();
@@ -200,6 +207,11 @@ fn a_client_that_half_closes_after_its_request_still_gets_the_response() {
         }
     }
     println!("hostile: half-close after the request: {answered}/20 answered");
+    server.report_case(
+        "half-close after the request (10 GET, 10 POST /api/ask)",
+        20,
+        20 - answered,
+    );
 }
 
 #[test]
@@ -220,7 +232,7 @@ fn a_forged_forwarded_for_does_not_make_a_client_local() {
         "localhost",
         "",
     ];
-    let mut refused = 0;
+    let mut refused = 0u64;
     for path in ["/metrics", "/status"] {
         for xff in forged {
             assert_eq!(
@@ -234,6 +246,11 @@ fn a_forged_forwarded_for_does_not_make_a_client_local() {
         assert_eq!(with_xff(path, "203.0.113.7, 127.0.0.1"), 200, "{path}");
     }
     println!("hostile: forged X-Forwarded-For on /metrics and /status: {refused}/12 refused");
+    server.report_case(
+        "forged X-Forwarded-For on /metrics and /status (12 forged, 2 trusted)",
+        14,
+        12 - refused,
+    );
 }
 
 #[test]
@@ -276,13 +293,14 @@ fn anonymous_health_says_only_ok_degraded_or_down() {
         assert!(body["store"]["backend"].is_string(), "{}", detailed.body);
     }
     println!("hostile: anonymous /health: no URL, no error text, no detail fields");
+    server.report_case("anonymous /health vs token and loopback", 3, 0);
 }
 
 #[test]
 fn the_bearer_scheme_is_case_insensitive() {
     let server = ServerProcess::start(&hostile_config(1, "admin_token = \"ops\""));
     let addr = server.addr();
-    let mut accepted = 0;
+    let mut accepted = 0u64;
     for (i, scheme) in ["Bearer", "bearer", "BEARER", "bEaReR"].iter().enumerate() {
         let auth = format!("Authorization: {scheme} ops");
         let body =
@@ -317,6 +335,7 @@ fn the_bearer_scheme_is_case_insensitive() {
     .unwrap();
     assert_eq!(wrong.status, 401);
     println!("hostile: Bearer scheme in 4 cases: {accepted}/8 accepted, Basic refused");
+    server.report_case("Bearer scheme in 4 cases, Basic", 9, 8 - accepted);
 }
 
 #[test]
@@ -370,6 +389,7 @@ fn listings_and_answers_never_show_absolute_server_paths() {
     for body in [&answer.body, &streamed.body] {
         assert!(!body.contains(&secret), "{body}");
     }
+    server.report_case("no absolute path in listings and answers", 3, 0);
 }
 
 /// One slow client: what it sends first, then one byte per tick forever.
@@ -433,7 +453,9 @@ fn four_hundred_slow_clients_do_not_starve_the_others() {
     assert_eq!(connected, 400, "every slow client connected");
 
     let load = Load::start(&addr, 4);
-    let run = Duration::from_secs(8);
+    // RAGPOOL_SOAK=1: a minute instead of 8 s.
+    let soak = std::env::var("RAGPOOL_SOAK").as_deref() == Ok("1");
+    let run = Duration::from_secs(if soak { 60 } else { 8 });
     let started = Instant::now();
     while started.elapsed() < run {
         for client in &mut slow {
@@ -448,6 +470,11 @@ fn four_hundred_slow_clients_do_not_starve_the_others() {
     println!(
         "hostile: 400 slow clients (200 heads, 200 bodies) for {run:?}: normal requests {}/{total} ok, {} failed; slow heads cut {cut_heads} times, slow bodies cut {cut_bodies} times",
         report.ok, report.failed
+    );
+    server.report_case(
+        &format!("400 slow clients (heads and bodies) for {run:?}: normal /health requests"),
+        total,
+        report.failed,
     );
     assert!(
         report.ok >= 100,

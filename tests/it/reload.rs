@@ -238,11 +238,21 @@ fn assert_hup_is_rejected(server: &ServerProcess, rejections: usize, why: &str) 
 #[test]
 fn hup_with_an_empty_or_comments_only_config_keeps_the_pool() {
     let server = ServerProcess::start(&config(2, ""));
+    let load = Load::start(&server.addr(), 2);
+    assert!(load.wait_for_progress(20, BOUND));
     server.rewrite_config("");
     assert_hup_is_rejected(&server, 1, "sets no key (empty, or only comments)");
     server.rewrite_config("# workers = 4\n\n# bind = [\"127.0.0.1:8000\"]\n[llm]\n");
     assert_hup_is_rejected(&server, 2, "sets no key");
     assert_eq!(server.count_in_log("Booting worker"), 2);
+    assert!(load.wait_for_progress(20, BOUND));
+    let report = load.stop();
+    server.report_case(
+        "empty and comments-only workers.toml on HUP, under /health load",
+        report.ok + report.failed,
+        report.failed,
+    );
+    assert_eq!(report.failed, 0, "{report:?}");
 
     server.rewrite_config(&config(3, ""));
     server.signal(Signal::SIGHUP);
@@ -276,6 +286,7 @@ fn hup_after_the_config_file_was_deleted_keeps_the_pool() {
     );
     std::fs::remove_file(&server.config_path).unwrap();
     assert_hup_is_rejected(&server, 1, "is gone (ragpool has read it before)");
+    server.report_case("./workers.toml deleted, then HUP", 1, 0);
 }
 
 #[test]

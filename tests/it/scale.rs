@@ -309,4 +309,13 @@ fn at_worker_connections_a_worker_leaves_new_clients_in_the_backlog_until_one_cl
     assert!(started.elapsed() < BOUND);
     assert_eq!(accept_queue(port), Some(0));
     drop(held);
+    server.report_case(
+        &format!(
+            "a third client beyond worker_connections = 2: queued in the backlog, answered {:?} \
+             after one closed",
+            started.elapsed()
+        ),
+        3,
+        0,
+    );
 }

@@ -310,6 +310,35 @@ impl ServerProcess {
         children_of(self.pid())
     }
 
+    /// Workers that died without being asked to, as the master logged them (a worker that
+    /// refused to boot, exit code 3 or 4, is not one: it never served).
+    pub fn worker_deaths(&self) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(") died: "))
+            .filter(|l| !l.contains("(boot error)") && !l.contains("(app load error)"))
+            .count()
+    }
+
+    /// Prints one row of a chaos test's table (`cargo test -- --nocapture`): what the test
+    /// sent, how many of those did not get the answer they should, the workers that died, and
+    /// the largest peak RSS (`VmHWM`) among the live workers.
+    pub fn report_case(&self, case: &str, sent: u64, failed: u64) {
+        let peak = self
+            .workers()
+            .iter()
+            .filter_map(|pid| proc_status_kib(*pid, "VmHWM"))
+            .max()
+            .unwrap_or(0);
+        eprintln!(
+            "case | {case} | sent {sent} | failed {failed} | worker deaths {} | worker peak RSS {} MiB",
+            self.worker_deaths(),
+            peak / 1024
+        );
+    }
+
     pub fn wait_for_workers(&self, count: usize, within: Duration) -> bool {
         wait_until(within, || self.workers().len() == count)
     }
@@ -355,6 +384,15 @@ impl Drop for ServerProcess {
             );
         }
     }
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`); `None` once the process is gone.
+pub fn proc_status_kib(pid: i32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// A loopback port that was free a moment ago.
