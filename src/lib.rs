@@ -14,6 +14,21 @@
 //! - [`http`]: the boundary between pool and app: limits, routing, the access log, and the one
 //!   place errors become status codes.
 //! - [`logging`]: the error log (`log` + `env_logger`), reopenable on `SIGUSR1`.
+//! - [`rag`]: the app: ingest, stores, LLM clients, retrieval and answers.
+//! - [`metrics`], [`status`]: the counters' layout and the `ragpool status` client.
+//!
+//! # Layering
+//!
+//! The binary uses `master` and `worker` and hands the second to the first; below them:
+//!
+//! ```text
+//! bin ──> master ──> config, logging, metrics, scoreboard
+//!  └───> worker ──> http ──> rag ──> config
+//!                    └─────> config, logging, metrics, scoreboard
+//! scoreboard ──> metrics;  logging, status ──> config
+//! ```
+//!
+//! No other `crate::` edge exists: a test (`layering`) reads every source file and fails on one.
 
 pub mod config;
 pub mod http;
@@ -24,3 +39,6 @@ pub mod rag;
 pub mod scoreboard;
 pub mod status;
 pub mod worker;
+
+#[cfg(test)]
+mod layering;

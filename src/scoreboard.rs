@@ -15,6 +15,13 @@ use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use crate::metrics::{MetricCells, Snapshot, CAUSES};
 
+/// Exit code by which a worker says it could not set itself up (Gunicorn's WORKER_BOOT_ERROR),
+/// its reason in its slot's boot error. This and [`EXIT_APP_LOAD_ERROR`] are part of the
+/// contract between master and worker that this module holds, so neither imports the other.
+pub const EXIT_BOOT_ERROR: i32 = 3;
+/// Exit code by which a worker says its app could not load (Gunicorn's APP_LOAD_ERROR).
+pub const EXIT_APP_LOAD_ERROR: i32 = 4;
+
 /// Bytes kept of a worker's boot error.
 pub const BOOT_ERROR_LEN: usize = 480;
 

@@ -35,10 +35,7 @@ use nix::unistd::Pid;
 use super::policy::{self, Action, Phase};
 use crate::config::{Config, MAX_WORKERS};
 
-/// Exit code by which a worker says it could not set itself up (Gunicorn's WORKER_BOOT_ERROR).
-pub const EXIT_BOOT_ERROR: i32 = 3;
-/// Exit code by which a worker says its app could not load (Gunicorn's APP_LOAD_ERROR).
-pub const EXIT_APP_LOAD_ERROR: i32 = 4;
+pub use crate::scoreboard::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 
 /// After SIGABRT, how long a hung worker gets before SIGKILL.
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);

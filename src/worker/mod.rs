@@ -33,7 +33,7 @@ use crate::scoreboard::{Scoreboard, Slot, SlotState};
 /// The exit codes the master reads as boot failures: the worker could not set itself up
 /// (runtime, listeners, logs: Gunicorn's 3), or the app could not be loaded (store, config of
 /// the app: Gunicorn's 4). They are the master's protocol, so they are defined there.
-pub use crate::master::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
+pub use crate::scoreboard::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 /// Most threads in tokio's blocking pool per worker (tokio's default is 512): CPU-bound work
 /// off the event loop queues behind these instead of starting a thread per request.
 pub const BLOCKING_THREADS: usize = 2;
