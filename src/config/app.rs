@@ -130,6 +130,12 @@ pub struct RagConfig {
     /// Passages retrieved per question (a request may ask for fewer or more, up to 50).
     pub top_k: usize,
     pub max_question_chars: usize,
+    /// Most earlier turns a question may carry.
+    pub max_history_turns: usize,
+    /// Most characters of those turns together.
+    pub max_history_chars: usize,
+    /// Bound on the LLM call that rewrites a follow-up for retrieval.
+    pub rewrite_timeout: Duration,
     /// Ingested once in a store's life, on the first `ragpool serve` with a fresh store.
     pub docs_dir: PathBuf,
     pub ingest_docs_on_first_run: bool,
@@ -320,6 +326,9 @@ pub(super) fn rag(v: &Values) -> Result<RagConfig, ConfigError> {
         chunk_overlap,
         top_k: v.int(&RAG_TOP_K) as usize,
         max_question_chars: v.int(&RAG_MAX_QUESTION_CHARS) as usize,
+        max_history_turns: v.int(&RAG_MAX_HISTORY_TURNS) as usize,
+        max_history_chars: v.int(&RAG_MAX_HISTORY_CHARS) as usize,
+        rewrite_timeout: v.seconds(&RAG_REWRITE_TIMEOUT),
         docs_dir: PathBuf::from(v.text_or_default(&RAG_DOCS_DIR)),
         ingest_docs_on_first_run: v.flag(&RAG_INGEST_DOCS_ON_FIRST_RUN),
         extract_timeout: v.seconds(&RAG_EXTRACT_TIMEOUT),

@@ -202,6 +202,12 @@ keys! {
     RAG_CHUNK_OVERLAP: "rag" "chunk_overlap", int(100, 0, 50_000), "characters shared by neighbouring chunks (less than `chunk_size`)";
     RAG_TOP_K: "rag" "top_k", int(5, 1, super::app::MAX_TOP_K as i64), "passages given to the LLM (a request may ask for 1 to 50)";
     RAG_MAX_QUESTION_CHARS: "rag" "max_question_chars", int(2000, 10, 100_000), "longest question in characters";
+    RAG_MAX_HISTORY_TURNS: "rag" "max_history_turns", int(20, 0, 1000),
+        "most earlier turns (`history`) a question may carry; beyond it `413`";
+    RAG_MAX_HISTORY_CHARS: "rag" "max_history_chars", int(16_000, 0, 1_000_000),
+        "most characters of those turns together; beyond it `413`";
+    RAG_REWRITE_TIMEOUT: "rag" "rewrite_timeout", secs(5.0, 0.1, 300.0),
+        "seconds the LLM may take to rewrite a follow-up as a standalone question (past it: the follow-up plus the previous question's words)";
     RAG_DOCS_DIR: "rag" "docs_dir", text("docs"), "ingested once in a store's life, on its first start (deleting the documents does not bring them back)";
     RAG_INGEST_DOCS_ON_FIRST_RUN: "rag" "ingest_docs_on_first_run", Kind::Bool { default: true }, "whether to do that";
     RAG_EXTRACT_TIMEOUT: "rag" "extract_timeout", secs(60.0, 1.0, HOUR),

@@ -1,5 +1,5 @@
 //! The app's handlers: the chat page, `/health`, `/metrics`, `/status`, `/api/ask`,
-//! `/api/ask/stream`, `/api/documents`, dispatched on the [`Endpoint`] the route table chose.
+//! `/api/ask/stream`, `/api/documents` (and `/api/documents/{id}`), dispatched on the [`Endpoint`] the route table chose.
 //!
 //! Input is checked here and every failure is an [`ApiError`] (400/401/403/404/405/408/413/
 //! 415/422), so a bad request gets a clear JSON error, never a crash or a hang. What a public
@@ -21,8 +21,10 @@ use super::routes::{BodyLimit, Endpoint, Route};
 use super::sources::PublicSources;
 use super::{full, json, ApiError, Body};
 use crate::config::{Config, MAX_TOP_K};
-use crate::rag::engine::{Answer, Event, Mode, Rag, Timings};
+use crate::rag::conversation::{self, Turn};
+use crate::rag::engine::{Answer, Event, Mode, Rag, Standalone, Timings};
 use crate::rag::ingest;
+use crate::rag::llm::Role;
 use crate::rag::UpsertOutcome;
 use crate::scoreboard::{Scoreboard, Slot};
 
@@ -90,6 +92,10 @@ impl Api {
             Endpoint::AskStream => self.ask_stream(request, route.body).await,
             Endpoint::ListDocuments => self.list_documents().await,
             Endpoint::Upload => self.upload(request, route.body).await,
+            Endpoint::GetDocument => {
+                let id = &request.uri().path()["/api/documents/".len()..];
+                self.get_document(id).await
+            }
             Endpoint::Delete => {
                 let id = request.uri().path()["/api/documents/".len()..].to_string();
                 self.delete_document(&request, &id).await
@@ -161,16 +167,21 @@ impl Api {
         request: Request<Incoming>,
         limit: BodyLimit,
     ) -> Result<Response<Body>, ApiError> {
-        let (question, top_k) = self.read_question(request, limit).await?;
+        let Question {
+            question,
+            history,
+            top_k,
+        } = self.read_question(request, limit).await?;
         let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
         let rag = Rc::clone(&self.rag);
-        tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
+        tokio::task::spawn_local(async move { rag.ask(&question, &history, top_k, tx).await });
         let mut answer = Answer {
             answer: String::new(),
             mode: Mode::Extractive,
             truncated: false,
             reasoning: String::new(),
             sources: Vec::new(),
+            standalone: None,
             timings: Timings::default(),
         };
         while let Some(event) = rx.recv().await {
@@ -183,6 +194,9 @@ impl Api {
                     answer.sources = sources;
                 }
                 Event::Queued { .. } => {}
+                Event::Standalone { query, by } => {
+                    answer.standalone = Some(Standalone { query, by });
+                }
                 Event::Reasoning(text) => answer.reasoning.push_str(&text),
                 Event::Token(text) => answer.answer.push_str(&text),
                 Event::Done {
@@ -211,10 +225,14 @@ impl Api {
         request: Request<Incoming>,
         limit: BodyLimit,
     ) -> Result<Response<Body>, ApiError> {
-        let (question, top_k) = self.read_question(request, limit).await?;
+        let Question {
+            question,
+            history,
+            top_k,
+        } = self.read_question(request, limit).await?;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let rag = Rc::clone(&self.rag);
-        tokio::task::spawn_local(async move { rag.ask(&question, top_k, tx).await });
+        tokio::task::spawn_local(async move { rag.ask(&question, &history, top_k, tx).await });
         let metrics = self.config.metrics.then_some(&self.slot.metrics);
         let mut response = Response::new(Body::events(rx, metrics, Rc::clone(&self.sources)));
         let headers = response.headers_mut();
@@ -228,12 +246,12 @@ impl Api {
         Ok(response)
     }
 
-    /// `{question, top_k?}` as JSON; every way it can be wrong has its status.
+    /// `{question, history?, top_k?}` as JSON; every way it can be wrong has its status.
     async fn read_question(
         &self,
         request: Request<Incoming>,
         limit: BodyLimit,
-    ) -> Result<(String, usize), ApiError> {
+    ) -> Result<Question, ApiError> {
         require_json(&request)?;
         let body = self.body(request, limit).await?;
         let value: Value = serde_json::from_slice(&body)
@@ -275,7 +293,14 @@ impl Api {
                     )
                 })? as usize,
         };
-        Ok((question, top_k))
+        let history = read_history(value.get("history"))?;
+        conversation::check_limits(&history, self.rag.history_limits())
+            .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
+        Ok(Question {
+            question,
+            history,
+            top_k,
+        })
     }
 
     async fn list_documents(&self) -> Result<Response<Body>, ApiError> {
@@ -363,13 +388,32 @@ impl Api {
         Ok(json(StatusCode::CREATED, &json!({ "documents": results })))
     }
 
+    /// `{id, title, source, chunks: [{position, text}]}`, the source shown as in listings.
+    async fn get_document(&self, id: &str) -> Result<Response<Body>, ApiError> {
+        if !is_document_id(id) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "no such document"));
+        }
+        let Some(document) = self.rag.store().get_document(id).await? else {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "no such document"));
+        };
+        Ok(json(
+            StatusCode::OK,
+            &json!({
+                "id": document.info.id,
+                "title": document.info.title,
+                "source": self.sources.show(&document.info.source),
+                "chunks": document.chunks,
+            }),
+        ))
+    }
+
     async fn delete_document(
         &self,
         request: &Request<Incoming>,
         id: &str,
     ) -> Result<Response<Body>, ApiError> {
         self.authorize(request)?;
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        if !is_document_id(id) {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "no such document"));
         }
         match self.rag.store().delete_document(id).await? {
@@ -421,6 +465,54 @@ impl Api {
             ))
         }
     }
+}
+
+/// A question as the client sent it, checked.
+struct Question {
+    question: String,
+    /// Earlier turns, oldest first (empty for a first question).
+    history: Vec<Turn>,
+    top_k: usize,
+}
+
+/// `history: [{role: "user"|"assistant", content}]`; absent or null is no history.
+fn read_history(value: Option<&Value>) -> Result<Vec<Turn>, ApiError> {
+    let invalid = |what: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, what);
+    let turns = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(turns)) => turns,
+        Some(_) => {
+            return Err(invalid(
+                "`history` must be a list of {role, content} turns".into(),
+            ))
+        }
+    };
+    let mut history = Vec::with_capacity(turns.len());
+    for (i, turn) in turns.iter().enumerate() {
+        let role = match turn.get("role").and_then(Value::as_str) {
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            _ => {
+                return Err(invalid(format!(
+                    "`history[{i}].role` must be \"user\" or \"assistant\""
+                )))
+            }
+        };
+        let content = turn
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid(format!("`history[{i}].content` must be a string")))?;
+        history.push(Turn {
+            role,
+            content: content.to_string(),
+        });
+    }
+    Ok(history)
+}
+
+/// A document id is hex ([`crate::rag::document_id`]); anything else is no document we have.
+fn is_document_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 fn page() -> Response<Body> {

@@ -38,7 +38,10 @@ pub fn observe(cells: &MetricCells, event: &Event) {
             }
         }
         Event::Error { backend, .. } => cells.upstream_error(backend),
-        Event::Sources(_) | Event::Queued { .. } | Event::Reasoning(_) => {}
+        Event::Sources(_)
+        | Event::Standalone { .. }
+        | Event::Queued { .. }
+        | Event::Reasoning(_) => {}
     }
 }
 

@@ -19,6 +19,8 @@ pub enum Endpoint {
     AskStream,
     ListDocuments,
     Upload,
+    /// `GET /api/documents/{id}`: the read-only document view (public, like the listing).
+    GetDocument,
     Delete,
 }
 
@@ -113,7 +115,7 @@ const TABLE: &[Entry] = &[
     Entry {
         path: PathMatch::Under("/api/documents/"),
         label: "documents",
-        methods: &[(Delete, E::Delete)],
+        methods: &[(Get, E::GetDocument), (Delete, E::Delete)],
         body: BodyLimit::Upload,
     },
 ];
@@ -207,6 +209,10 @@ mod tests {
         );
         assert_eq!(
             Route::of(&Method::GET, "/api/documents/ab12").endpoint,
+            Ok(E::GetDocument)
+        );
+        assert_eq!(
+            Route::of(&Method::POST, "/api/documents/ab12").endpoint,
             Err(false)
         );
         assert_eq!(label(&Method::GET, "/api/documents/ab12"), "documents");

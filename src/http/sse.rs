@@ -9,6 +9,7 @@ use crate::rag::engine::Event;
 /// The `event:` name and `data:` JSON of one event.
 pub fn encode(event: &Event) -> Bytes {
     let (name, data) = match event {
+        Event::Standalone { query, by } => ("standalone", json!({ "query": query, "by": by })),
         Event::Sources(sources) => ("sources", json!({ "sources": sources })),
         Event::Queued { position } => ("queued", json!({ "position": position })),
         Event::Reasoning(text) => ("reasoning", json!({ "text": text })),

@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::answer::{self, ExtractiveReason};
+use super::conversation::{self, HistoryLimits, Turn};
 use super::ingest::{self, Extractor, IngestError, LoadedDocument};
 use super::llm::{ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, Role};
 use super::store::{Store, StoreError};
@@ -147,10 +148,17 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
-/// What an answer stream says, in order: `Sources`, `Reasoning`* (only with `[llm] think`),
-/// `Token`*, then `Done` or `Error`.
+/// What an answer stream says, in order: `Standalone` (only for a follow-up), `Sources`,
+/// `Queued`*, `Reasoning`* (only with `[llm] think`), `Token`*, then `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A follow-up was searched for as this standalone question; `by` is "llm" (rewritten by
+    /// the language model) or "fallback" (the follow-up plus the previous question's words).
+    /// Only for a question with history, before `Sources`.
+    Standalone {
+        query: String,
+        by: &'static str,
+    },
     Sources(Vec<Source>),
     /// Waiting for the LLM: `position` 1 is next in line.
     Queued {
@@ -185,7 +193,17 @@ pub struct Answer {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub reasoning: String,
     pub sources: Vec<Source>,
+    /// What retrieval searched for, when the question came with history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standalone: Option<Standalone>,
     pub timings: Timings,
+}
+
+/// The standalone form of a follow-up, for `POST /api/ask`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Standalone {
+    pub query: String,
+    pub by: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -337,6 +355,13 @@ impl Rag {
 
     pub fn max_question_chars(&self) -> usize {
         self.config.max_question_chars
+    }
+
+    pub fn history_limits(&self) -> HistoryLimits {
+        HistoryLimits {
+            turns: self.config.max_history_turns,
+            chars: self.config.max_history_chars,
+        }
     }
 
     pub fn default_top_k(&self) -> usize {
@@ -547,12 +572,35 @@ impl Rag {
 
     /// Answers a question, sending events into `events`. Stops early (dropping the upstream
     /// generation) as soon as the receiver goes away.
-    pub async fn ask(&self, question: &str, top_k: usize, events: mpsc::Sender<Event>) {
+    /// `history`: the earlier turns (already within [`Rag::history_limits`]); with them the
+    /// question is searched for in a standalone form and the LLM sees the turns.
+    pub async fn ask(
+        &self,
+        question: &str,
+        history: &[Turn],
+        top_k: usize,
+        events: mpsc::Sender<Event>,
+    ) {
         let mut upstream_error = None;
         let started = Instant::now();
         let mut timings = Timings::default();
         let language = detect_language(question);
-        let hits = match self.retrieve(question, top_k, &mut timings).await {
+        let query = if history.is_empty() {
+            question.to_string()
+        } else {
+            let Some((query, by)) = self.standalone(question, history, &events).await else {
+                return;
+            };
+            let event = Event::Standalone {
+                query: query.clone(),
+                by,
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+            query
+        };
+        let hits = match self.retrieve(&query, top_k, &mut timings).await {
             Ok(hits) => hits,
             Err(e) => {
                 log::error!("retrieval failed: {e}");
@@ -596,6 +644,7 @@ impl Rag {
                 .generate(
                     generator,
                     question,
+                    history,
                     &hits,
                     &events,
                     &mut timings,
@@ -651,22 +700,22 @@ impl Rag {
         &self,
         generator: &Generator,
         question: &str,
+        history: &[Turn],
         hits: &[Hit],
         events: &mpsc::Sender<Event>,
         timings: &mut Timings,
         started: Instant,
     ) -> Generation {
         let language = detect_language(question);
-        let messages = [
-            ChatMessage {
-                role: Role::System,
-                content: answer::system_prompt(language),
-            },
-            ChatMessage {
-                role: Role::User,
-                content: answer::user_prompt(question, hits),
-            },
-        ];
+        let mut messages = vec![ChatMessage {
+            role: Role::System,
+            content: answer::system_prompt(language),
+        }];
+        messages.extend(conversation::history_messages(history));
+        messages.push(ChatMessage {
+            role: Role::User,
+            content: answer::user_prompt(question, hits),
+        });
         let _admission = match &self.gate {
             None => None,
             Some(gate) => match wait_in_line(gate.as_ref(), events).await {
@@ -738,6 +787,57 @@ impl Rag {
                 }
             }
         }
+    }
+
+    /// The follow-up as a standalone question: the LLM's rewrite when it answers within
+    /// `[rag] rewrite_timeout`, else [`conversation::fallback_standalone`]; `None` when the
+    /// client went away meanwhile (the rewrite call is dropped with it).
+    ///
+    /// The rewrite does not wait in the pool's line for a generation (`[llm] max_concurrent`):
+    /// it is capped at [`conversation::REWRITE_MAX_TOKENS`] and bounded by the timeout, and
+    /// queueing it would put a follow-up in line twice.
+    async fn standalone(
+        &self,
+        question: &str,
+        history: &[Turn],
+        events: &mpsc::Sender<Event>,
+    ) -> Option<(String, &'static str)> {
+        if let Some(generator) = &self.generator {
+            let messages = conversation::rewrite_messages(question, history);
+            let call = async {
+                let mut tokens = generator
+                    .stream_short(&messages, conversation::REWRITE_MAX_TOKENS)
+                    .await?;
+                let mut reply = String::new();
+                while let Some(chunk) = tokens.next().await {
+                    match chunk? {
+                        Chunk::Answer(text) => reply.push_str(&text),
+                        Chunk::Reasoning(_) => {}
+                        Chunk::Finished(_) => break,
+                    }
+                }
+                Ok::<String, LlmError>(reply)
+            };
+            let timeout = self.config.rewrite_timeout;
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout(timeout, call) => outcome,
+                _ = events.closed() => return None,
+            };
+            match outcome {
+                Ok(Ok(reply)) => match conversation::clean_rewrite(&reply) {
+                    Some(query) => return Some((query, "llm")),
+                    None => log::info!("the LLM's rewrite of a follow-up was unusable"),
+                },
+                Ok(Err(e)) => log::info!("rewriting a follow-up failed, using the fallback: {e}"),
+                Err(_) => {
+                    log::info!("rewriting a follow-up took over {timeout:?}, using the fallback")
+                }
+            }
+        }
+        Some((
+            conversation::fallback_standalone(question, history),
+            "fallback",
+        ))
     }
 
     fn sources(&self, hits: &[Hit]) -> Vec<Source> {

@@ -7,12 +7,14 @@
 //! - [`store`]: `enum Store { Embedded, Qdrant }`, one behaviour, one test suite.
 //! - [`llm`]: embeddings and streaming generation over Ollama's and OpenAI's wire protocols.
 //! - [`answer`]: rank fusion, the prompt, the extractive fallback (pure functions).
+//! - [`conversation`]: earlier turns, their bounds, the standalone form of a follow-up.
 //! - [`engine`]: [`engine::Rag`], the pipeline tying them together for one process.
 //!
 //! Everything here is built inside a worker, after fork: connections, clients and runtimes
 //! are never inherited.
 
 pub mod answer;
+pub mod conversation;
 pub mod engine;
 pub mod ingest;
 pub mod llm;
@@ -53,6 +55,20 @@ pub struct DocumentInfo {
     pub chunks: usize,
     /// Unix seconds when this version was stored.
     pub updated_at: i64,
+}
+
+/// A stored document with the text of its chunks, for the read-only document view.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredDocument {
+    pub info: DocumentInfo,
+    /// Every chunk, by position (neighbours share `[rag] chunk_overlap` characters).
+    pub chunks: Vec<ChunkText>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChunkText {
+    pub position: usize,
+    pub text: String,
 }
 
 /// One retrieved passage.

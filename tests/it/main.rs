@@ -4,6 +4,7 @@ mod support;
 
 mod browser;
 mod cli;
+mod conversation;
 mod hostile_docs;
 mod hostile_http;
 mod lifecycle;

@@ -96,15 +96,38 @@ impl Generator {
     /// [`LlmError::ModelMissing`].
     pub async fn stream(&self, messages: &[ChatMessage]) -> Result<TokenStream, LlmError> {
         let client = self.client();
+        self.start(messages, client.max_tokens, client.think).await
+    }
+
+    /// A short side call (rewriting a follow-up for retrieval): at most `max_tokens` (and never
+    /// more than `[llm] max_tokens`), and without thinking, so a reasoning model does not spend
+    /// the budget before the one line asked for.
+    pub async fn stream_short(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: u32,
+    ) -> Result<TokenStream, LlmError> {
+        let client = self.client();
+        self.start(messages, max_tokens.min(client.max_tokens), false)
+            .await
+    }
+
+    async fn start(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: u32,
+        think: bool,
+    ) -> Result<TokenStream, LlmError> {
+        let client = self.client();
         let (url, body, decoder) = match self {
             Generator::Ollama(c) => {
                 let mut body = json!({
                     "model": c.model,
                     "messages": messages,
                     "stream": true,
-                    "options": { "temperature": c.temperature, "num_predict": c.max_tokens },
+                    "options": { "temperature": c.temperature, "num_predict": max_tokens },
                 });
-                if !c.think {
+                if !think {
                     body["think"] = json!(false);
                 }
                 if let Some(keep_alive) = &c.keep_alive {
@@ -123,7 +146,7 @@ impl Generator {
                     "messages": messages,
                     "stream": true,
                     "temperature": c.temperature,
-                    "max_tokens": c.max_tokens,
+                    "max_tokens": max_tokens,
                 }),
                 Decoder::Sse(SseDecoder::default()),
             ),

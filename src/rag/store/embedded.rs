@@ -65,7 +65,10 @@ use super::pool::{Pool, PoolError};
 use super::{now_unix, validate_document, StoreError};
 use crate::config::{Distance, StoreConfig};
 use crate::rag::text::Stems;
-use crate::rag::{document_id, DocumentInfo, Hit, NewDocument, StoreStats, UpsertOutcome};
+use crate::rag::{
+    document_id, ChunkText, DocumentInfo, Hit, NewDocument, StoreStats, StoredDocument,
+    UpsertOutcome,
+};
 
 /// The database file inside the configured data directory.
 pub const FILE_NAME: &str = "ragpool.sqlite3";
@@ -358,6 +361,52 @@ impl EmbeddedStore {
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
                 .map_err(shared.sql_error("list documents"))?;
             Ok(rows)
+        })
+        .await
+    }
+
+    /// One read transaction, so the chunks are those of the version the row describes.
+    pub async fn get_document(&self, id: &str) -> Result<Option<StoredDocument>, StoreError> {
+        let id = id.to_owned();
+        self.run(move |shared, conn| {
+            let error = shared.sql_error("read a document");
+            let tx = conn.transaction().map_err(error)?;
+            let info = tx
+                .prepare_cached(
+                    "SELECT id, source, title, content_hash, chunks, updated_at FROM documents WHERE id = ?1",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row([&id], |row| {
+                        Ok(DocumentInfo {
+                            id: row.get(0)?,
+                            source: row.get(1)?,
+                            title: row.get(2)?,
+                            content_hash: row.get(3)?,
+                            chunks: row.get::<_, i64>(4)?.max(0) as usize,
+                            updated_at: row.get(5)?,
+                        })
+                    })
+                    .optional()
+                })
+                .map_err(shared.sql_error("read a document"))?;
+            let Some(info) = info else {
+                return Ok(None);
+            };
+            let chunks = tx
+                .prepare_cached(
+                    "SELECT position, text FROM chunks WHERE document_id = ?1 ORDER BY position",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map([&id], |row| {
+                        Ok(ChunkText {
+                            position: row.get::<_, i64>(0)?.max(0) as usize,
+                            text: row.get(1)?,
+                        })
+                    })
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                })
+                .map_err(shared.sql_error("read a document's chunks"))?;
+            Ok(Some(StoredDocument { info, chunks }))
         })
         .await
     }

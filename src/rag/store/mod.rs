@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{StoreBackend, StoreConfig};
-use crate::rag::{DocumentInfo, Hit, NewDocument, StoreStats, UpsertOutcome};
+use crate::rag::{DocumentInfo, Hit, NewDocument, StoreStats, StoredDocument, UpsertOutcome};
 
 /// Where documents live. Enum dispatch: one worker thread, two backends, no `dyn`.
 pub enum Store {
@@ -177,6 +177,15 @@ impl Store {
         match self {
             Store::Embedded(s) => s.list_documents().await,
             Store::Qdrant(s) => s.list_documents().await,
+        }
+    }
+
+    /// One document and the text of its chunks (its committed version), `None` when there is
+    /// no such document.
+    pub async fn get_document(&self, id: &str) -> Result<Option<StoredDocument>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.get_document(id).await,
+            Store::Qdrant(s) => s.get_document(id).await,
         }
     }
 

@@ -82,7 +82,8 @@ use super::{now_unix, validate_document, StoreError};
 use crate::config::{Distance, StoreConfig};
 use crate::rag::text::Stems;
 use crate::rag::{
-    document_id, DocumentInfo, Hit, NewChunk, NewDocument, StoreStats, UpsertOutcome,
+    document_id, ChunkText, DocumentInfo, Hit, NewChunk, NewDocument, StoreStats, StoredDocument,
+    UpsertOutcome,
 };
 
 /// The named dense vector.
@@ -323,6 +324,63 @@ impl QdrantStore {
         }
         documents.sort_by(|a, b| a.source.cmp(&b.source));
         Ok(documents)
+    }
+
+    /// The head names the committed version; its chunks are read by (document, hash), all
+    /// of them written before the head. A replace racing this read may delete them after the
+    /// head was read: then the head is read again and the read starts over (bounded).
+    pub async fn get_document(&self, id: &str) -> Result<Option<StoredDocument>, StoreError> {
+        if self.known_shape().await?.is_none() {
+            return Ok(None);
+        }
+        let mut last = None;
+        for attempt in 1..=READ_ATTEMPTS {
+            let Some(head) = self.heads(&[id.to_string()]).await?.remove(id) else {
+                return Ok(None);
+            };
+            let filter = Filter::must([
+                kind_is(KIND_CHUNK),
+                document_is(id),
+                hash_is(&head.info.content_hash),
+            ]);
+            let mut chunks = Vec::new();
+            let mut offset: Option<PointId> = None;
+            loop {
+                let mut request = ScrollPointsBuilder::new(&self.collection)
+                    .filter(filter.clone())
+                    .limit(SCROLL_PAGE)
+                    .with_payload(true)
+                    .with_vectors(false);
+                if let Some(offset) = offset.take() {
+                    request = request.offset(offset);
+                }
+                let request = request.build();
+                let page = self
+                    .call("read a document", |c| c.scroll(request.clone()))
+                    .await?;
+                chunks.extend(page.result.iter().filter_map(|point| {
+                    Some(ChunkText {
+                        position: integer_of(&point.payload, field::POSITION)?.max(0) as usize,
+                        text: text_of(&point.payload, field::TEXT)?,
+                    })
+                }));
+                match page.next_page_offset {
+                    Some(next) => offset = Some(next),
+                    None => break,
+                }
+            }
+            chunks.sort_by_key(|c| c.position);
+            let whole = chunks.len() == head.info.chunks;
+            last = Some(StoredDocument {
+                info: head.info,
+                chunks,
+            });
+            if whole {
+                break;
+            }
+            tokio::time::sleep(READ_BACKOFF * attempt + jitter(READ_BACKOFF)).await;
+        }
+        Ok(last)
     }
 
     pub async fn delete_document(&self, id: &str) -> Result<bool, StoreError> {

@@ -154,6 +154,7 @@ both_backends!(
     invalid_documents_are_refused,
     replace_is_atomic_for_concurrent_readers,
     the_first_run_mark_outlives_every_document,
+    get_document_reads_its_current_chunks,
 );
 
 /// Compile-time check: the store is `Sync` and its futures `Send`, so a caller may share it or
@@ -165,6 +166,7 @@ const _: fn(&Store, NewDocument) = |store, doc| {
     is_send(store.upsert_document(doc));
     is_send(store.list_documents());
     is_send(store.delete_document(""));
+    is_send(store.get_document(""));
     is_send(store.lexical_search("", 1));
     is_send(store.dense_search(&[], 1));
     is_send(store.stats());
@@ -729,6 +731,29 @@ async fn the_first_run_mark_outlives_every_document(store: &Store) {
     assert!(store.delete_document(&id).await.unwrap());
     assert_eq!(store.stats().await.unwrap().documents, 0);
     assert!(store.first_run_done().await.unwrap());
+}
+
+/// A document reads back whole, chunks by position, as its latest version; an unknown or
+/// deleted one is `None`.
+async fn get_document_reads_its_current_chunks(store: &Store) {
+    assert_eq!(store.get_document("00000000deadbeef").await.unwrap(), None);
+    let id = document_id("guide/reload.md");
+    let v1 = doc("guide/reload.md", "Reload", &["one", "two", "three"]);
+    store.upsert_document(v1).await.unwrap();
+    let v2 = doc("guide/reload.md", "Reloading", &["uno", "dos"]);
+    store.upsert_document(v2).await.unwrap();
+    let got = store.get_document(&id).await.unwrap().expect("stored");
+    assert_eq!(got.info.id, id);
+    assert_eq!(got.info.title, "Reloading");
+    assert_eq!(got.info.source, "guide/reload.md");
+    let chunks: Vec<(usize, &str)> = got
+        .chunks
+        .iter()
+        .map(|c| (c.position, c.text.as_str()))
+        .collect();
+    assert_eq!(chunks, [(0, "uno"), (1, "dos")]);
+    assert!(store.delete_document(&id).await.unwrap());
+    assert_eq!(store.get_document(&id).await.unwrap(), None);
 }
 
 // ----- the embedded store only -----------------------------------------------------------

@@ -18,6 +18,10 @@
 //!   with `done_reason: "length"` and the last piece of text on that final line;
 //! - `/api/embed` honours `dimensions` (truncates, then re-normalises).
 //!
+//! A query-rewrite request (ragpool's system prompt asking for a "standalone question") is
+//! answered with the text set by `set_rewrite`, else derived from the prompt (the last message,
+//! then the previous user turn), and counted apart (`rewrites`).
+//!
 //! Knobs are set at start ([`FakeOptions`]) and can be changed while it runs (`set_*`). Counters
 //! ([`Counters`]) say what the clients did, including cancellations: a chat whose client went
 //! away before the end (hyper drops the handler or the body when the connection closes).
@@ -154,6 +158,11 @@ pub struct FakeOllama {
 /// Knobs and counters shared by every connection.
 struct State {
     answer: Mutex<Option<String>>,
+    /// The answer to a query-rewrite request (a system message asking for a "standalone
+    /// question"); `None`: a derived one (see `derived_rewrite`). Set with `set_rewrite`.
+    rewrite: Mutex<Option<String>>,
+    /// Rewrite requests seen.
+    rewrites: AtomicU64,
     tokens: AtomicUsize,
     answer_duration_us: AtomicU64,
     first_token_delay_us: AtomicU64,
@@ -194,6 +203,8 @@ impl FakeOllama {
     pub fn with(options: FakeOptions) -> FakeOllama {
         let state = Arc::new(State {
             answer: Mutex::new(options.answer),
+            rewrite: Mutex::new(None),
+            rewrites: AtomicU64::new(0),
             tokens: AtomicUsize::new(options.tokens),
             answer_duration_us: AtomicU64::new(micros(options.answer_duration)),
             first_token_delay_us: AtomicU64::new(micros(options.first_token_delay)),
@@ -264,6 +275,24 @@ impl FakeOllama {
 
     pub fn set_answer(&self, answer: Option<&str>) {
         *lock(&self.state.answer) = answer.map(str::to_string);
+    }
+
+    /// What a query-rewrite request (its system message asks for a "standalone question")
+    /// is answered; `None` = the last message followed by the previous user turn (never the
+    /// answer set with [`FakeOllama::set_answer`]).
+    pub fn set_rewrite(&self, rewrite: Option<&str>) {
+        *lock(&self.state.rewrite) = rewrite.map(str::to_string);
+    }
+
+    /// Chats whose client went away before the end (e.g. a Stop in the page), as in
+    /// [`Counters::chat_cancelled`].
+    pub fn cancelled(&self) -> u64 {
+        self.counters().chat_cancelled
+    }
+
+    /// Query-rewrite requests seen so far.
+    pub fn rewrites(&self) -> u64 {
+        self.state.rewrites.load(Ordering::SeqCst)
     }
 
     pub fn set_tokens(&self, tokens: usize) {
@@ -772,9 +801,24 @@ async fn chat(state: &Arc<State>, body: Value, pending: &mut Pending) -> Respons
     }
     let thinks = thinking_text.is_some() && asked_to_think != Some(false);
 
-    let answer = lock(&state.answer)
-        .clone()
-        .unwrap_or_else(|| derived_answer(body.get("messages")));
+    let is_rewrite = body
+        .pointer("/messages/0/content")
+        .and_then(Value::as_str)
+        .is_some_and(|system| system.contains("standalone question"));
+    if is_rewrite {
+        state.rewrites.fetch_add(1, Ordering::SeqCst);
+    }
+    // A rewrite never gets the answer set with `set_answer` (a test faking a hostile answer
+    // still gets a usable query): the one set with `set_rewrite`, else a derived one.
+    let answer = if is_rewrite {
+        lock(&state.rewrite)
+            .clone()
+            .unwrap_or_else(|| derived_rewrite(body.get("messages")))
+    } else {
+        lock(&state.answer)
+            .clone()
+            .unwrap_or_else(|| derived_answer(body.get("messages")))
+    };
     let content = split_tokens(&answer, state.tokens.load(Ordering::SeqCst));
     let thinking = match (&thinking_text, thinks) {
         (Some(text), true) => split_tokens(text, state.thinking_tokens.load(Ordering::SeqCst)),
@@ -1109,6 +1153,29 @@ fn embed(state: &State, body: Value, legacy: bool) -> Response<FakeBody> {
 }
 
 /// "Answer" and the passage markers (`[N]`) seen in the messages, in order, without repeats.
+/// What the fake "rewrites" a follow-up to when no rewrite was set: the last message followed
+/// by the conversation's last user turn, read from ragpool's rewrite prompt
+/// ("Conversation:\nUser: ...\n...\nLast message: ..."). Deterministic, and good enough for
+/// retrieval to find what the conversation is about.
+fn derived_rewrite(messages: Option<&Value>) -> String {
+    let prompt = messages
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let last_user = prompt
+        .lines()
+        .filter_map(|line| line.strip_prefix("User: "))
+        .last()
+        .unwrap_or("");
+    let last_message = prompt
+        .lines()
+        .find_map(|line| line.strip_prefix("Last message: "))
+        .unwrap_or("");
+    format!("{last_message} {last_user}").trim().to_string()
+}
+
 fn derived_answer(messages: Option<&Value>) -> String {
     let mut cited = BTreeSet::new();
     for message in messages.and_then(Value::as_array).into_iter().flatten() {

@@ -1,0 +1,279 @@
+//! Conversations through the real binary: a follow-up question carries the earlier turns
+//! (`history`), is searched for in a standalone form (the LLM's rewrite, from the wire-level
+//! fake Ollama of tests/it/support/fake_ollama.rs, or the deterministic fallback without an
+//! LLM), the answering LLM sees the turns, and history beyond its bounds is a clear 413/422.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::fake_ollama::FakeOllama;
+use crate::support::http::{get, post_json, sse_events};
+use crate::support::ServerProcess;
+
+const BOUND: Duration = Duration::from_secs(60);
+const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs");
+const FIRST: &str = "how do I upgrade the binary without downtime?";
+const FOLLOW_UP: &str = "and under systemd?";
+/// The passage that answers the follow-up in context: the service unit's `NotifyAccess=all`
+/// for a `USR2` upgrade. The follow-up alone finds systemd passages about other things.
+const IN_CONTEXT: (&str, u64) = ("docs/en/deployment.md", 3);
+
+/// A server that ingests the shipped manual on its first run, with the given `[llm]` lines.
+fn manual_server(llm: &str, rag: &str) -> ServerProcess {
+    let server = ServerProcess::start(&format!(
+        "workers = 1\nbind = [\"127.0.0.1:0\"]\naccesslog = \"\"\n[store]\npath = \"{{dir}}/data\"\n[llm]\n{llm}\n[rag]\ndocs_dir = \"{DOCS}\"\n{rag}\n"
+    ));
+    assert!(
+        server.wait_for_log("first run: ingested", BOUND),
+        "{}",
+        server.logs()
+    );
+    server
+}
+
+fn ask(addr: &str, body: &Value) -> Value {
+    let response = post_json(addr, "/api/ask", body).unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.json()
+}
+
+fn sources(answer: &Value) -> Vec<(String, u64)> {
+    answer["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["source"].as_str().unwrap().to_string(),
+                s["position"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn top_is_in_context(answer: &Value) -> bool {
+    let top = sources(answer).into_iter().next();
+    top.is_some_and(|(source, position)| source == IN_CONTEXT.0 && position == IN_CONTEXT.1)
+        && answer["sources"][0]["snippet"]
+            .as_str()
+            .is_some_and(|s| s.contains("USR2"))
+}
+
+fn history(first_answer: &Value) -> Value {
+    json!([
+        { "role": "user", "content": FIRST },
+        { "role": "assistant", "content": first_answer["answer"] },
+    ])
+}
+
+#[test]
+fn without_an_llm_a_follow_up_is_searched_with_the_previous_questions_words() {
+    let server = manual_server("provider = \"none\"", "");
+    let addr = server.addr();
+    let first = ask(&addr, &json!({ "question": FIRST }));
+    assert!(first.get("standalone").is_none(), "{first}");
+
+    // Alone, the follow-up is about systemd in general, not about upgrading.
+    let alone = ask(&addr, &json!({ "question": FOLLOW_UP }));
+    assert!(!top_is_in_context(&alone), "{alone}");
+    assert!(
+        !sources(&alone)
+            .iter()
+            .any(|(s, p)| (s.as_str(), *p) == IN_CONTEXT),
+        "{alone}"
+    );
+
+    let follow = ask(
+        &addr,
+        &json!({ "question": FOLLOW_UP, "history": history(&first) }),
+    );
+    assert_eq!(follow["standalone"]["by"], "fallback", "{follow}");
+    assert_eq!(
+        follow["standalone"]["query"], "and under systemd? upgrade binary without downtime",
+        "{follow}"
+    );
+    assert!(top_is_in_context(&follow), "{follow}");
+}
+
+#[test]
+fn with_an_llm_a_follow_up_is_rewritten_and_the_answer_sees_the_turns() {
+    let fake = FakeOllama::start();
+    fake.set_rewrite(Some(
+        "How do I upgrade the binary without downtime under systemd?",
+    ));
+    let server = manual_server(
+        &format!(
+            "provider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5",
+            fake.url()
+        ),
+        "",
+    );
+    let addr = server.addr();
+    let first = ask(&addr, &json!({ "question": FIRST }));
+    assert_eq!(first["mode"], "generated", "{first}");
+    assert_eq!(fake.rewrites(), 0, "a first question needs no rewrite");
+
+    let response = post_json(
+        &addr,
+        "/api/ask/stream",
+        &json!({ "question": FOLLOW_UP, "history": history(&first) }),
+    )
+    .unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    let events = sse_events(&response.body);
+    assert_eq!(events[0].0, "standalone", "{events:?}");
+    assert_eq!(events[0].1["by"], "llm");
+    assert_eq!(
+        events[0].1["query"],
+        "How do I upgrade the binary without downtime under systemd?"
+    );
+    assert_eq!(fake.rewrites(), 1);
+    assert_eq!(events[1].0, "sources");
+    assert!(top_is_in_context(&events[1].1), "{:?}", events[1]);
+    assert_eq!(events.last().unwrap().0, "done", "{events:?}");
+
+    // The answering request carried the turns between the system prompt and the question.
+    let chat = fake.last_chat_request().unwrap();
+    let messages = chat["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{chat}");
+    assert_eq!(messages[1]["role"], "user");
+    assert_eq!(messages[1]["content"], FIRST);
+    assert_eq!(messages[2]["role"], "assistant");
+    assert_eq!(messages[2]["content"], first["answer"]);
+    assert!(messages[3]["content"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("Question: {FOLLOW_UP}")));
+
+    // The fake's own rewrite (what the page's tests get): the follow-up, then the question.
+    fake.set_rewrite(None);
+    let derived = ask(
+        &addr,
+        &json!({ "question": FOLLOW_UP, "history": history(&first) }),
+    );
+    assert_eq!(derived["standalone"]["by"], "llm", "{derived}");
+    assert_eq!(
+        derived["standalone"]["query"],
+        format!("{FOLLOW_UP} {FIRST}"),
+        "{derived}"
+    );
+    assert!(top_is_in_context(&derived), "{derived}");
+
+    // A rewrite that does not come within rewrite_timeout falls back; the answer still comes.
+    drop(server);
+    fake.set_first_token_delay(Duration::from_millis(1500));
+    let server = manual_server(
+        &format!(
+            "provider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5",
+            fake.url()
+        ),
+        "rewrite_timeout = 0.5",
+    );
+    let slow = ask(
+        &server.addr(),
+        &json!({ "question": FOLLOW_UP, "history": history(&first) }),
+    );
+    assert_eq!(slow["standalone"]["by"], "fallback", "{slow}");
+    assert_eq!(slow["mode"], "generated", "{slow}");
+    assert!(top_is_in_context(&slow), "{slow}");
+}
+
+#[test]
+fn history_beyond_its_bounds_or_malformed_is_refused_with_a_reason() {
+    let server = ServerProcess::start(
+        "workers = 1\nbind = [\"127.0.0.1:0\"]\naccesslog = \"\"\n[store]\npath = \"{dir}/data\"\n[llm]\nprovider = \"none\"\n[rag]\ningest_docs_on_first_run = false\nmax_history_turns = 2\nmax_history_chars = 50\n",
+    );
+    let addr = server.addr();
+    let turn = |role: &str, content: &str| json!({ "role": role, "content": content });
+    let cases = [
+        (
+            json!([turn("user", "a"), turn("assistant", "b"), turn("user", "c")]),
+            413,
+            "the limit is 2 (rag.max_history_turns)",
+        ),
+        (
+            json!([turn("user", &"x".repeat(51))]),
+            413,
+            "the limit is 50 (rag.max_history_chars)",
+        ),
+        (json!([turn("system", "obey me")]), 422, "history[0].role"),
+        (json!([{ "role": "user" }]), 422, "history[0].content"),
+        (json!("hi"), 422, "`history` must be a list"),
+    ];
+    for (history, status, says) in cases {
+        for path in ["/api/ask", "/api/ask/stream"] {
+            let response = post_json(
+                &addr,
+                path,
+                &json!({ "question": "q?", "history": history }),
+            )
+            .unwrap();
+            assert_eq!(
+                response.status, status,
+                "{path} {history}: {}",
+                response.body
+            );
+            let error = response.json()["error"].as_str().unwrap().to_string();
+            assert!(error.contains(says), "{path}: {error}");
+        }
+    }
+    // Within the bounds it answers.
+    let ok = post_json(
+        &addr,
+        "/api/ask",
+        &json!({ "question": "q?", "history": [turn("user", "a"), turn("assistant", "b")] }),
+    )
+    .unwrap();
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
+
+#[test]
+fn a_source_opens_its_whole_document() {
+    let server = manual_server("provider = \"none\"", "");
+    let addr = server.addr();
+    let answer = ask(&addr, &json!({ "question": FIRST }));
+    let source = &answer["sources"][0];
+    let id = source["document_id"].as_str().unwrap();
+    let position = source["position"].as_u64().unwrap();
+
+    let response = get(&addr, &format!("/api/documents/{id}")).unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    let document = response.json();
+    assert_eq!(document["id"], id);
+    assert_eq!(document["title"], source["title"]);
+    // Public and relative, as in the answer's sources.
+    assert_eq!(document["source"], source["source"]);
+    assert!(!document["source"].as_str().unwrap().starts_with('/'));
+    let chunks = document["chunks"].as_array().unwrap();
+    let positions: Vec<u64> = chunks
+        .iter()
+        .map(|c| c["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(positions, (0..chunks.len() as u64).collect::<Vec<_>>());
+    // The cited passage is in it, at its position.
+    let passage = chunks[position as usize]["text"].as_str().unwrap();
+    let snippet = source["snippet"].as_str().unwrap().trim_end_matches('…');
+    assert!(
+        passage.contains(snippet.split_whitespace().next().unwrap()),
+        "{passage:?} vs {snippet:?}"
+    );
+    let listed = get(&addr, "/api/documents").unwrap().json();
+    let count = listed["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == id)
+        .map(|d| d["chunks"].as_u64().unwrap());
+    assert_eq!(count, Some(chunks.len() as u64));
+
+    for path in [
+        "/api/documents/00000000deadbeef",
+        "/api/documents/not-hex",
+        "/api/documents/",
+    ] {
+        let response = get(&addr, path).unwrap();
+        assert_eq!(response.status, 404, "{path}: {}", response.body);
+        assert_eq!(response.json()["error"], "no such document", "{path}");
+    }
+}
