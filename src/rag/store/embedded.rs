@@ -473,6 +473,7 @@ impl EmbeddedStore {
     }
 
     /// Takes a connection and reads a table: proves the file is there and readable.
+    #[cfg(test)]
     pub async fn check(&self) -> Result<(), StoreError> {
         self.run(|shared, conn| {
             conn.query_row("SELECT count(*) FROM meta", [], |_| Ok(()))

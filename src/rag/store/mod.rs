@@ -256,7 +256,9 @@ impl Store {
         }
     }
 
-    /// A cheap liveness probe for `/health`.
+    /// A query through the store's own connection: the suite's check that a store is usable
+    /// (after a fork, a reopen...). `/health` uses [`Store::probe`].
+    #[cfg(test)]
     pub async fn check(&self) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.check().await,

@@ -589,6 +589,7 @@ impl QdrantStore {
         Ok(self.fetch_shape().await?.is_some())
     }
 
+    #[cfg(test)]
     pub async fn check(&self) -> Result<(), StoreError> {
         self.call("answer a health check", |c| c.health_check())
             .await?;
