@@ -52,11 +52,12 @@ const CHROMIUM_ARGS: &[&str] = &[
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--lang=en-US",
 ];
 
 /// WebDriver key codes for [`Browser::send_keys`].
 pub const ENTER: char = '\u{E007}';
+pub const ESCAPE: char = '\u{E00C}';
+pub const TAB: char = '\u{E004}';
 
 /// A WebDriver error: the HTTP status and the spec's `error` code and `message`.
 #[derive(Debug)]
@@ -100,10 +101,15 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Starts chromedriver and a headless Chromium session emulating a phone with a `width` x
-    /// `height` CSS-pixel viewport.
+    /// Starts chromedriver and a headless Chromium session emulating a device with a `width` x
+    /// `height` CSS-pixel viewport, its UI language (`navigator.language`) US English.
     /// `None` when the browser is not installed and `RAGPOOL_REQUIRE_BROWSER` is not 1.
     pub fn start(width: u32, height: u32) -> Option<Browser> {
+        Browser::start_in(width, height, "en-US")
+    }
+
+    /// [`Browser::start`] with another UI language, a BCP 47 tag such as `ru-RU`.
+    pub fn start_in(width: u32, height: u32, language: &str) -> Option<Browser> {
         if !installed() {
             if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
                 panic!(
@@ -116,7 +122,7 @@ impl Browser {
         }
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            match Browser::spawn(super::free_port(), width, height) {
+            match Browser::spawn(super::free_port(), width, height, language) {
                 Ok(browser) => return Some(browser),
                 Err(failure) => failures.push(failure),
             }
@@ -124,7 +130,7 @@ impl Browser {
         panic!("chromedriver did not start:\n{}", failures.join("\n----\n"));
     }
 
-    fn spawn(port: u16, width: u32, height: u32) -> Result<Browser, String> {
+    fn spawn(port: u16, width: u32, height: u32, language: &str) -> Result<Browser, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let output = File::create(dir.path().join("chromium.log"))
             .map_err(|e| format!("chromium.log: {e}"))?;
@@ -136,7 +142,7 @@ impl Browser {
                 dir.path().join("chromedriver.log").display()
             ))
             // The UI language Chromium reports (navigator.language) must not follow the host's.
-            .env("LANGUAGE", "en_US:en")
+            .env("LANGUAGE", language.replace('-', "_"))
             .stdin(Stdio::null())
             .stdout(output)
             .stderr(stderr)
@@ -162,6 +168,7 @@ impl Browser {
             return Err(format!("port {port}: not ready within {READY_WITHIN:?}"));
         }
         let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
+        args.push(format!("--lang={language}"));
         // Desktop Chromium will not make a window narrower than 500 px: the viewport comes
         // from device emulation instead, the window only has to be at least as large.
         args.push(format!(
@@ -178,10 +185,12 @@ impl Browser {
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": args,
-                "prefs": { "intl.accept_languages": "en-US,en" },
-                // A phone: this viewport, touch, and the page's viewport meta tag honoured.
+                "prefs": { "intl.accept_languages": language },
+                // This viewport; below 800 px a phone: touch, and the page's viewport meta tag
+                // honoured.
                 "mobileEmulation": { "deviceMetrics": {
                     "width": width, "height": height, "pixelRatio": 1.0,
+                    "mobile": width < 800, "touch": width < 800,
                 }},
             },
         }}});
@@ -299,6 +308,11 @@ impl Browser {
             &format!("/element/{}/property/{name}", element.0),
             None,
         )
+    }
+
+    /// Whether the element is rendered (WebDriver's "element displayed" check).
+    pub fn is_displayed(&self, element: &Element) -> bool {
+        self.must("GET", &format!("/element/{}/displayed", element.0), None) == true
     }
 
     pub fn is_enabled(&self, element: &Element) -> bool {

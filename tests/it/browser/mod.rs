@@ -1,9 +1,20 @@
 //! The chat page (assets/index.html) in a real browser: headless Chromium driven over WebDriver
-//! (tests/it/support/webdriver.rs) against the real binary, in an emulated phone-sized viewport.
-//! Skipped when Chromium is not installed, unless `RAGPOOL_REQUIRE_BROWSER=1` (CI).
+//! (tests/it/support/webdriver.rs) against the real binary, at a desktop (1280x900) and a phone
+//! (390x844) viewport. Skipped when Chromium is not installed, unless `RAGPOOL_REQUIRE_BROWSER=1`
+//! (CI).
 //!
-//! Every wait is a bounded poll on what the page shows; the fake Ollama's pace (8 tokens over
-//! 2 s) is what makes streaming observable, never a sleep in the test.
+//! Every wait is a bounded poll on what the page shows; the fake Ollama's pace (tokens spread
+//! over seconds) is what makes streaming observable, never a sleep in the test.
+//!
+//! # Layout
+//! - this file: the helpers, streaming, the extractive answer in Russian;
+//! - `conversation`: follow-ups in context, Stop, Retry, reload, the document view, feedback;
+//! - `safety`: the Markdown renderer, hostile documents and answers, the CSP hash;
+//! - `screenshots`: the README's pictures (`RAGPOOL_BLESS=1` writes docs/screenshots/).
+
+mod conversation;
+mod safety;
+mod screenshots;
 
 use std::time::Duration;
 
@@ -16,6 +27,8 @@ use crate::support::ServerProcess;
 const BOUND: Duration = Duration::from_secs(30);
 /// The CSS-pixel viewport of a current iPhone (the page's narrow layout is below 520 px).
 const PHONE: (u32, u32) = (390, 844);
+/// A laptop's browser window.
+const DESKTOP: (u32, u32) = (1280, 900);
 const ANSWER: &str = "Send HUP to the master [1].";
 
 /// workers.toml for app tests (as in rag.rs): loopback, data under the test dir, the tables.
@@ -23,6 +36,19 @@ fn app_config(tables: &str) -> String {
     format!(
         "workers = 1\nbind = [\"127.0.0.1:0\"]\naccesslog = \"\"\nadmin_token = \"t\"\n[store]\npath = \"{{dir}}/data\"\n{tables}\n"
     )
+}
+
+/// The `[llm]` and `[rag]` tables for answers from `fake`.
+fn with_fake(fake: &FakeOllama) -> String {
+    app_config(&format!(
+        "[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5\n[rag]\ningest_docs_on_first_run = false\n",
+        fake.url()
+    ))
+}
+
+/// No LLM: extractive answers, and follow-ups rewritten by the deterministic fallback.
+fn without_llm() -> String {
+    app_config("[llm]\nprovider = \"none\"\n[rag]\ningest_docs_on_first_run = false\n")
 }
 
 /// Waits for the first element matching `css`.
@@ -39,12 +65,12 @@ fn wait_for(browser: &Browser, css: &str) -> Element {
 }
 
 /// Waits until the answer card's `data-state` is `state`; fails at once if it ends (`done`,
-/// `error`) in another state.
+/// `error`, `stopped`) in another state.
 fn wait_for_state(browser: &Browser, card: &Element, state: &str) {
     let mut seen = None;
     wait_until(BOUND, || {
         seen = browser.attribute(card, "data-state");
-        matches!(seen.as_deref(), Some(s) if s == state || s == "done" || s == "error")
+        matches!(seen.as_deref(), Some(s) if s == state || s == "done" || s == "error" || s == "stopped")
     });
     assert_eq!(
         seen.as_deref(),
@@ -54,26 +80,59 @@ fn wait_for_state(browser: &Browser, card: &Element, state: &str) {
     );
 }
 
-/// Checks the page fits the phone's width, then saves a PNG of the viewport to
-/// target/tmp/browser/{name}.png (kept after the run, for a human to look at).
-fn screenshot(browser: &Browser, name: &str) {
+/// Types `question` and Enter into the question box; the new answer card.
+fn ask(browser: &Browser, question: &str) -> Element {
+    let before = browser.find_all("#log .a").len();
+    let input = wait_for(browser, "#question");
+    browser.send_keys(&input, &format!("{question}{ENTER}"));
+    let mut cards = Vec::new();
+    assert!(
+        wait_until(BOUND, || {
+            cards = browser.find_all("#log .a");
+            cards.len() > before
+        }),
+        "no new answer card for {question:?}"
+    );
+    cards.pop().unwrap()
+}
+
+/// [`ask`], then waits for the answer to end as `done`.
+fn ask_done(browser: &Browser, question: &str) -> Element {
+    let card = ask(browser, question);
+    wait_for_state(browser, &card, "done");
+    card
+}
+
+/// The titles of an answer's source groups (one per document), in order.
+fn source_titles(browser: &Browser, card: &Element) -> Vec<String> {
+    browser
+        .find_all_in(card, ".sources > li .title")
+        .iter()
+        .map(|t| browser.text(t))
+        .collect()
+}
+
+/// Checks the page fits the viewport's width, then saves a PNG of the viewport to
+/// target/tmp/browser/{name}.png (kept after the run, for a human to look at); the PNG.
+fn screenshot(browser: &Browser, size: (u32, u32), name: &str) -> Vec<u8> {
     let layout = browser.execute(
         "return { width: innerWidth, height: innerHeight, scroll: document.documentElement.scrollWidth,
                   send: document.getElementById('send').getBoundingClientRect().right };",
         &[],
     );
-    assert_eq!(layout["width"], PHONE.0, "{layout}");
-    assert_eq!(layout["height"], PHONE.1, "{layout}");
+    assert_eq!(layout["width"], size.0, "{layout}");
+    assert_eq!(layout["height"], size.1, "{layout}");
     assert!(
         layout["scroll"].as_f64() <= layout["width"].as_f64()
             && layout["send"].as_f64() <= layout["width"].as_f64(),
-        "the page is wider than the phone: {layout}"
+        "the page is wider than the viewport: {layout}"
     );
     let png = browser.screenshot();
-    assert_eq!(png_size(&png), Some(PHONE), "screenshot size");
+    assert_eq!(png_size(&png), Some(size), "screenshot size");
     let path = screenshot_dir().join(format!("{name}.png"));
-    std::fs::write(&path, png).unwrap();
+    std::fs::write(&path, &png).unwrap();
     eprintln!("screenshot: {}", path.display());
+    png
 }
 
 #[test]
@@ -87,10 +146,7 @@ fn the_chat_page_streams_an_answer_token_by_token_then_lists_its_sources() {
         answer_duration: Duration::from_secs(2),
         ..FakeOptions::default()
     });
-    let server = ServerProcess::start(&app_config(&format!(
-        "[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5\n[rag]\ningest_docs_on_first_run = false\n",
-        fake.url()
-    )));
+    let server = ServerProcess::start(&with_fake(&fake));
     let addr = server.addr();
     add_document(
         &addr,
@@ -121,9 +177,24 @@ fn the_chat_page_streams_an_answer_token_by_token_then_lists_its_sources() {
         "Ask is disabled while answering"
     );
     assert_eq!(browser.property(&question, "value"), "");
+    let stop = wait_for(&browser, "#stop");
+    assert!(
+        browser.is_displayed(&stop),
+        "Stop is offered while answering"
+    );
+    assert_eq!(browser.text(&stop), "Stop");
 
-    // The answer grows while the card streams: at least two different partial texts.
+    // The answer grows while the card streams: at least two different partial texts. Screen
+    // readers hear it through its live region once it is no longer busy.
     let answer = browser.find_in(&card, ".answer").expect(".answer");
+    assert_eq!(
+        browser.attribute(&answer, "aria-live").as_deref(),
+        Some("polite")
+    );
+    assert_eq!(
+        browser.attribute(&answer, "aria-busy").as_deref(),
+        Some("true")
+    );
     let mut partials: Vec<String> = Vec::new();
     let mut state = None;
     assert!(
@@ -156,26 +227,41 @@ fn the_chat_page_streams_an_answer_token_by_token_then_lists_its_sources() {
     assert!(browser.find_in(&card, ".status").is_none());
     assert!(browser.find_in(&card, ".badge").is_none(), "not extractive");
 
-    // Sources render once the stream has ended (just after `done`).
-    let source = wait_for(&browser, "#log .a .sources li");
+    // Sources render once the stream has ended (just after `done`): one document, one passage.
+    let source = wait_for(&browser, "#log .a .sources > li");
     assert_eq!(
-        browser.find_in(&source, ".title").map(|t| browser.text(&t)),
+        browser.find_in(&source, ".head").map(|t| browser.text(&t)),
         Some("[1] Reload".to_string())
     );
     let snippet = browser
-        .find_in(&source, ".snippet")
+        .find_in(&source, ".passage .snippet")
         .map(|s| browser.text(&s))
         .unwrap_or_default();
     assert!(snippet.contains("Send HUP to the master"), "{snippet:?}");
-    assert_eq!(browser.find_all("#log .a .sources li").len(), 1);
+    assert_eq!(browser.find_all("#log .a .sources > li").len(), 1);
+    assert_eq!(browser.find_all("#log .a .passage").len(), 1);
+    // The answer's [1] is a button that opens that source.
+    let cite = browser
+        .find_in(&answer, "button.cite")
+        .expect("[1] as a button");
+    assert_eq!(browser.text(&cite), "[1]");
+    assert_eq!(
+        browser.attribute(&cite, "aria-label").as_deref(),
+        Some("Source 1")
+    );
     assert!(wait_until(BOUND, || browser.is_enabled(&send)));
+    assert!(!browser.is_displayed(&stop), "Stop is gone once answered");
+    assert_eq!(
+        browser.attribute(&answer, "aria-busy").as_deref(),
+        Some("false")
+    );
     // One generation, run to its end (counted just after the fake's last write).
     assert!(
         fake.wait_until(BOUND, |c| c.chat_started == 1 && c.chat_completed == 1),
         "{:?}",
         fake.counters()
     );
-    screenshot(&browser, "streamed-answer-en");
+    screenshot(&browser, PHONE, "streamed-answer-en");
 }
 
 #[test]
@@ -183,9 +269,7 @@ fn the_russian_page_shows_an_extractive_answer_with_a_badge_and_matched_words_in
     let Some(browser) = Browser::start(PHONE.0, PHONE.1) else {
         return;
     };
-    let server = ServerProcess::start(&app_config(
-        "[llm]\nprovider = \"none\"\n[rag]\ningest_docs_on_first_run = false\n",
-    ));
+    let server = ServerProcess::start(&without_llm());
     let addr = server.addr();
     add_document(
         &addr,
@@ -202,7 +286,10 @@ fn the_russian_page_shows_an_extractive_answer_with_a_badge_and_matched_words_in
         assert_eq!(browser.text_of("#send").as_deref(), Some("Спросить"));
         assert_eq!(
             browser.text_of("#hint").as_deref(),
-            Some("Задайте вопрос по документам организации. Ответы ссылаются на источники.")
+            Some(
+                "Задайте вопрос по документам организации. Ответы ссылаются на источники; \
+                 уточняйте в том же чате."
+            )
         );
         let question = browser.find("#question").expect("#question");
         assert_eq!(browser.property(&question, "placeholder"), "Ваш вопрос…");
@@ -250,11 +337,11 @@ fn the_russian_page_shows_an_extractive_answer_with_a_badge_and_matched_words_in
         "only matched words in bold: {bold:?}"
     );
 
-    let source = wait_for(&browser, "#log .a .sources li");
+    let source = wait_for(&browser, "#log .a .sources > li");
     assert_eq!(
-        browser.find_in(&source, ".title").map(|t| browser.text(&t)),
+        browser.find_in(&source, ".head").map(|t| browser.text(&t)),
         Some("[1] Резервное копирование".to_string())
     );
     assert!(browser.text(&card).contains("Источники"));
-    screenshot(&browser, "extractive-answer-ru");
+    screenshot(&browser, PHONE, "extractive-answer-ru");
 }
