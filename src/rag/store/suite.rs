@@ -1,10 +1,11 @@
 //! The one behaviour both stores promise, written once and run against each backend: the
 //! embedded store always (a fresh temp dir per test), and a real Qdrant: the server named by
 //! `RAGPOOL_TEST_QDRANT_URL` (a fresh collection per test, dropped afterwards; optional
-//! `RAGPOOL_TEST_QDRANT_API_KEY`), else a Qdrant node of the test's own (the shared Qdrant
-//! binary, see `tests/it/support/qdrant.rs`; skipped when there is none, a failure under
-//! `RAGPOOL_REQUIRE_QDRANT=1`). Then what only the embedded store can show here: several
-//! forked processes sharing one file, and a store refusing to cross a fork.
+//! `RAGPOOL_TEST_QDRANT_API_KEY`, and for a cluster `RAGPOOL_TEST_QDRANT_REPLICATION_FACTOR`
+//! and `RAGPOOL_TEST_QDRANT_WRITE_CONSISTENCY_FACTOR`), else a Qdrant node of the test's own
+//! (the shared Qdrant binary, see `tests/it/support/qdrant.rs`; skipped when there is none, a
+//! failure under `RAGPOOL_REQUIRE_QDRANT=1`). Then what only the embedded store can show here:
+//! several forked processes sharing one file, and a store refusing to cross a fork.
 //!
 //! Tests that use SQLite hold [`SQLITE_IN_USE`] for reading; the fork tests take it for
 //! writing, so no other thread of this test binary is inside SQLite (holding one of its
@@ -80,8 +81,8 @@ impl Backend {
             distance: Distance::Cosine,
             threads: 2,
             shard_number: 0,
-            replication_factor: 1,
-            write_consistency_factor: 1,
+            replication_factor: env_count("RAGPOOL_TEST_QDRANT_REPLICATION_FACTOR"),
+            write_consistency_factor: env_count("RAGPOOL_TEST_QDRANT_WRITE_CONSISTENCY_FACTOR"),
         };
         let store = Store::open(&config).await.expect("open the qdrant store");
         Some(Backend {
@@ -98,6 +99,16 @@ impl Backend {
             }
         }
     }
+}
+
+/// A count from the environment, 1 when unset: the collection layout for a run of the suite
+/// against a cluster of yours (`RAGPOOL_TEST_QDRANT_URL`).
+fn env_count(name: &str) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
 }
 
 fn embedded_config(dir: &Path) -> StoreConfig {
