@@ -6,6 +6,11 @@
 //! every slot to find hung workers, decide recycling, and (later) to serve metrics and status.
 //! Everything is a plain atomic in a `MAP_SHARED | MAP_ANONYMOUS` mapping, so no locks cross
 //! process boundaries and a worker that dies mid-write cannot wedge anyone.
+//!
+//! In front of the slots, the pool header holds what outlives a worker, among it the pool-wide
+//! LLM admission ([`LlmGate`]): the line, and each LLM backend's places and circuit breaker, so
+//! every worker routes answers and ejects failing backends alike. A dead worker's places are
+//! given back by the master when it retires the slot.
 
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
@@ -14,6 +19,10 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use crate::metrics::{MetricCells, Snapshot, CAUSES};
+
+/// Cells for this many LLM backends are mapped (`config::app::MAX_LLM_BACKENDS`, the most a
+/// config may list; the two are pinned equal in `http`, which sees both).
+pub const MAX_LLM_BACKENDS: usize = 16;
 
 /// Exit code by which a worker says it could not set itself up (Gunicorn's WORKER_BOOT_ERROR),
 /// its reason in its slot's boot error. This and [`EXIT_APP_LOAD_ERROR`] are part of the
@@ -72,6 +81,8 @@ pub struct Slot {
     /// Gate places this worker holds and waits for, given back by the master if it dies.
     llm_held: AtomicU64,
     llm_waiting: AtomicU64,
+    /// Of those, the places held on each LLM backend (given back the same way).
+    llm_backend_held: [AtomicU64; MAX_LLM_BACKENDS],
 }
 
 impl Slot {
@@ -90,6 +101,9 @@ impl Slot {
         self.metrics.reset();
         self.llm_held.store(0, Ordering::Relaxed);
         self.llm_waiting.store(0, Ordering::Relaxed);
+        for held in &self.llm_backend_held {
+            held.store(0, Ordering::Relaxed);
+        }
         self.state
             .store(SlotState::Booting as u32, Ordering::Release);
     }
@@ -233,6 +247,67 @@ pub struct PoolHeader {
     /// and tickets that have left the line (admitted or given up): a waiter's place is
     /// its ticket minus this.
     llm_left_line: AtomicU64,
+    /// Each LLM backend of the pool (`[[llm.backend]]`, by position): its slots in use and
+    /// its circuit breaker, shared so every worker routes and ejects alike.
+    llm_backends: [BackendCells; MAX_LLM_BACKENDS],
+}
+
+/// One LLM backend's shared state: answers running on it, what it has done, and its breaker.
+#[repr(C)]
+pub struct BackendCells {
+    /// Answers generating on it now (never above its `max_concurrent` when it has one).
+    active: AtomicU64,
+    /// Answers admitted to it so far.
+    admitted: AtomicU64,
+    /// Failed answers (an error before or during the stream) so far.
+    failures: AtomicU64,
+    /// Failures since its last success: `breaker_failures` of them open the breaker.
+    consecutive: AtomicU64,
+    /// A [`BreakerState`].
+    state: AtomicU64,
+    /// Monotonic ms: while open, when a health probe may be tried; the prober moves it on
+    /// (compare-and-swap), which is its lease, so a prober that dies is taken over.
+    open_until_ms: AtomicU64,
+    /// Times the breaker opened.
+    opened: AtomicU64,
+}
+
+/// A backend's circuit breaker (Nygard's): closed = in use; open = ejected until a health
+/// probe passes after the cool-down; half-open = probe passed, one answer at a time on trial
+/// (its success closes the breaker, its failure opens it again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    fn from_u64(v: u64) -> BreakerState {
+        match v {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// One backend's cells, read for `/metrics` and `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendView {
+    pub active: u64,
+    pub admitted: u64,
+    pub failures: u64,
+    pub opened: u64,
+    pub state: BreakerState,
 }
 
 /// Master facts as the header holds them.
@@ -391,6 +466,11 @@ impl Scoreboard {
         header
             .llm_left_line
             .fetch_add(slot.llm_waiting.swap(0, Ordering::AcqRel), Ordering::AcqRel);
+        for (held, cells) in slot.llm_backend_held.iter().zip(&header.llm_backends) {
+            cells
+                .active
+                .fetch_sub(held.swap(0, Ordering::AcqRel), Ordering::AcqRel);
+        }
         slot.release();
         header.seq.fetch_add(1, Ordering::AcqRel);
     }
@@ -436,22 +516,88 @@ impl Scoreboard {
     }
 }
 
-/// The pool-wide cap on concurrent LLM generations, shared by every worker. Admission is a
-/// compare-and-swap on the active count, so the cap is never exceeded; the place in line is
-/// approximate (workers poll), which is what a waiting user needs to see.
+impl Scoreboard {
+    /// The cells of LLM backend `index` (`index < MAX_LLM_BACKENDS`).
+    pub fn backend(&self, index: usize) -> BackendView {
+        let cells = &self.header().llm_backends[index];
+        BackendView {
+            active: cells.active.load(Ordering::Acquire),
+            admitted: cells.admitted.load(Ordering::Relaxed),
+            failures: cells.failures.load(Ordering::Relaxed),
+            opened: cells.opened.load(Ordering::Relaxed),
+            state: BreakerState::from_u64(cells.state.load(Ordering::Acquire)),
+        }
+    }
+}
+
+/// What [`LlmGate::try_admit`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// A place on this backend: generate there, then `release` it.
+    Backend(usize),
+    /// Every usable backend (or the pool-wide cap) is full: wait in line.
+    Full,
+    /// No backend may take an answer (breakers open, or all tried already): do without.
+    Unavailable,
+}
+
+/// One LLM backend as the gate routes to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendLimit {
+    /// Its `max_concurrent`, pool-wide; 0 = no cap of its own.
+    pub max_concurrent: u64,
+}
+
+/// How backends are ejected and taken back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// Consecutive failures that open a closed breaker.
+    pub failures: u64,
+    /// Milliseconds an open breaker waits before a health probe.
+    pub cooldown_ms: u64,
+}
+
+/// The pool-wide admission of LLM generations, shared by every worker: the `[llm]
+/// max_concurrent` cap on all of them, then a place on one backend, the least loaded (its
+/// answers running over its cap) of those with a free place and a closed (or half-open and
+/// idle) breaker. Every place is a compare-and-swap on a shared count, so no cap is ever
+/// exceeded, whatever the number of workers; the place in line is approximate (workers poll),
+/// which is what a waiting user needs to see.
 pub struct LlmGate {
     board: &'static Scoreboard,
     slot: &'static Slot,
+    /// `[llm] max_concurrent`; 0 = none.
     max: u64,
+    backends: Vec<BackendLimit>,
+    breaker: BreakerPolicy,
 }
 
 impl LlmGate {
-    pub fn new(board: &'static Scoreboard, slot: &'static Slot, max: usize) -> LlmGate {
+    /// `backends` are at most [`MAX_LLM_BACKENDS`] (config checks it; more are ignored).
+    pub fn new(
+        board: &'static Scoreboard,
+        slot: &'static Slot,
+        max: usize,
+        backends: Vec<BackendLimit>,
+        breaker: BreakerPolicy,
+    ) -> LlmGate {
+        let mut backends = backends;
+        backends.truncate(MAX_LLM_BACKENDS);
         LlmGate {
             board,
             slot,
             max: max as u64,
+            backends,
+            breaker,
         }
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    fn cells(&self, index: usize) -> &BackendCells {
+        &self.board.header().llm_backends[index]
     }
 
     /// Joins the line; returns the ticket.
@@ -463,26 +609,185 @@ impl LlmGate {
             .fetch_add(1, Ordering::AcqRel)
     }
 
-    /// Starts a generation if fewer than `max` run; the caller must `release` afterwards.
-    pub fn try_admit(&self) -> bool {
+    /// Starts a generation on a backend not in `tried` (a bit per backend) if the pool-wide
+    /// cap and that backend's allow it; after [`Admit::Backend`] the caller must `release`.
+    /// A ticket holder that is [`Admit::Unavailable`] should `abandon` its place.
+    pub fn try_admit(&self, tried: u64) -> Admit {
+        self.admit(tried, true)
+    }
+
+    /// A place taken now without a ticket (a short call that must not wait in line: the
+    /// rewrite of a follow-up); `release` it after [`Admit::Backend`].
+    pub fn try_take(&self) -> Admit {
+        self.admit(0, false)
+    }
+
+    fn admit(&self, tried: u64, in_line: bool) -> Admit {
         let header = self.board.header();
         let mut active = header.llm_active.load(Ordering::Acquire);
-        while active < self.max {
+        loop {
+            if self.max > 0 && active >= self.max {
+                // Full, unless nothing could take it anyway.
+                return match self.candidates(tried).is_empty() {
+                    true => Admit::Unavailable,
+                    false => Admit::Full,
+                };
+            }
             match header.llm_active.compare_exchange(
                 active,
                 active + 1,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    self.slot.llm_held.fetch_add(1, Ordering::AcqRel);
+                Ok(_) => break,
+                Err(now) => active = now,
+            }
+        }
+        let candidates = self.candidates(tried);
+        for &(index, _) in &candidates {
+            if self.take_place(index) {
+                self.slot.llm_held.fetch_add(1, Ordering::AcqRel);
+                self.slot.llm_backend_held[index].fetch_add(1, Ordering::AcqRel);
+                self.cells(index).admitted.fetch_add(1, Ordering::Relaxed);
+                if in_line {
                     self.leave_line();
-                    return true;
                 }
+                return Admit::Backend(index);
+            }
+        }
+        header.llm_active.fetch_sub(1, Ordering::AcqRel);
+        match candidates.is_empty() {
+            true => Admit::Unavailable,
+            false => Admit::Full,
+        }
+    }
+
+    /// Backends an answer may go to, least loaded first: not tried yet, breaker closed or
+    /// half-open. Load is answers running over the cap (an uncapped backend counts as a cap of
+    /// 1 per answer running); ties go to the one that has taken fewer answers.
+    fn candidates(&self, tried: u64) -> Vec<(usize, (u64, u64))> {
+        let mut candidates: Vec<(usize, (u64, u64))> = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| tried & (1 << i) == 0)
+            .filter(|(i, _)| self.breaker_state(*i) != BreakerState::Open)
+            .map(|(i, limit)| {
+                let cells = self.cells(i);
+                let active = cells.active.load(Ordering::Acquire);
+                let load = active * 1_000_000 / limit.max_concurrent.max(1);
+                (i, (load, cells.admitted.load(Ordering::Relaxed)))
+            })
+            .collect();
+        candidates.sort_by_key(|&(_, key)| key);
+        candidates
+    }
+
+    /// One place on backend `index` under its cap (1 while its breaker is half-open).
+    fn take_place(&self, index: usize) -> bool {
+        let cells = self.cells(index);
+        let cap = match self.breaker_state(index) {
+            BreakerState::Open => return false,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Closed => match self.backends[index].max_concurrent {
+                0 => u64::MAX,
+                cap => cap,
+            },
+        };
+        let mut active = cells.active.load(Ordering::Acquire);
+        while active < cap {
+            match cells.active.compare_exchange(
+                active,
+                active + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
                 Err(now) => active = now,
             }
         }
         false
+    }
+
+    pub fn breaker_state(&self, index: usize) -> BreakerState {
+        BreakerState::from_u64(self.cells(index).state.load(Ordering::Acquire))
+    }
+
+    /// An answer on `index` went well (its first token came, or it ended cleanly): the
+    /// backend's failures are forgotten and its breaker closes.
+    pub fn record_success(&self, index: usize) {
+        let cells = self.cells(index);
+        cells.consecutive.store(0, Ordering::Release);
+        if cells
+            .state
+            .swap(BreakerState::Closed as u64, Ordering::AcqRel)
+            != BreakerState::Closed as u64
+        {
+            log::info!("LLM backend {index}: breaker closed (an answer succeeded)");
+        }
+    }
+
+    /// An answer on `index` failed: the breaker opens after `failures` in a row, or at once
+    /// while it is half-open. Returns whether this failure opened it.
+    pub fn record_failure(&self, index: usize) -> bool {
+        let cells = self.cells(index);
+        cells.failures.fetch_add(1, Ordering::Relaxed);
+        let consecutive = cells.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
+        let state = self.breaker_state(index);
+        let trips = match state {
+            BreakerState::Closed => consecutive >= self.breaker.failures,
+            BreakerState::HalfOpen => true,
+            BreakerState::Open => false,
+        };
+        if trips
+            && cells
+                .state
+                .compare_exchange(
+                    state as u64,
+                    BreakerState::Open as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        {
+            cells
+                .open_until_ms
+                .store(monotonic_ms() + self.breaker.cooldown_ms, Ordering::Release);
+            cells.opened.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Whether this worker should probe backend `index` now: its breaker is open and the
+    /// cool-down is over. The first worker to ask wins (a lease of one cool-down).
+    pub fn claim_probe(&self, index: usize) -> bool {
+        let cells = self.cells(index);
+        if self.breaker_state(index) != BreakerState::Open {
+            return false;
+        }
+        let now = monotonic_ms();
+        let until = cells.open_until_ms.load(Ordering::Acquire);
+        now >= until
+            && cells
+                .open_until_ms
+                .compare_exchange(
+                    until,
+                    now + self.breaker.cooldown_ms,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
+    /// The health probe of an open backend answered: one answer at a time may try it.
+    pub fn probe_passed(&self, index: usize) {
+        let _ = self.cells(index).state.compare_exchange(
+            BreakerState::Open as u64,
+            BreakerState::HalfOpen as u64,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// 1 = next in line.
@@ -503,8 +808,10 @@ impl LlmGate {
             .fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Ends an admitted generation.
-    pub fn release(&self) {
+    /// Ends an admitted generation on `index`.
+    pub fn release(&self, index: usize) {
+        self.slot.llm_backend_held[index].fetch_sub(1, Ordering::AcqRel);
+        self.cells(index).active.fetch_sub(1, Ordering::AcqRel);
         self.slot.llm_held.fetch_sub(1, Ordering::AcqRel);
         self.board
             .header()
@@ -582,21 +889,86 @@ mod tests {
         let board: &'static Scoreboard = Box::leak(Box::new(Scoreboard::new(2).unwrap()));
         board.slot(0).claim(1);
         board.slot(1).claim(1);
+        let one = || vec![BackendLimit { max_concurrent: 0 }];
         let (a, b) = (
-            LlmGate::new(board, board.slot(0), 1),
-            LlmGate::new(board, board.slot(1), 1),
+            LlmGate::new(board, board.slot(0), 1, one(), POLICY),
+            LlmGate::new(board, board.slot(1), 1, one(), POLICY),
         );
         let (ta, tb) = (a.enqueue(), b.enqueue());
-        assert!(a.try_admit());
-        assert!(!b.try_admit(), "the cap is 1");
+        assert_eq!(a.try_admit(0), Admit::Backend(0));
+        assert_eq!(b.try_admit(0), Admit::Full, "the cap is 1");
         assert_eq!(b.position(tb), 1, "b is next once a left the line");
         assert_eq!(ta, 0);
         // Worker 0 dies mid-generation: the master gives its place back.
         board.retire_slot(0);
         assert_eq!(a.active(), 0);
-        assert!(b.try_admit());
-        b.release();
+        assert_eq!(board.backend(0).active, 0);
+        assert_eq!(b.try_admit(0), Admit::Backend(0));
+        b.release(0);
         assert_eq!(b.active(), 0);
+    }
+
+    const POLICY: BreakerPolicy = BreakerPolicy {
+        failures: 2,
+        cooldown_ms: 0,
+    };
+
+    #[test]
+    fn backends_are_filled_least_loaded_first_and_never_past_their_cap() {
+        let board: &'static Scoreboard = Box::leak(Box::new(Scoreboard::new(2).unwrap()));
+        board.slot(0).claim(1);
+        board.slot(1).claim(1);
+        let limits = vec![
+            BackendLimit { max_concurrent: 2 },
+            BackendLimit { max_concurrent: 4 },
+        ];
+        let gates = [
+            LlmGate::new(board, board.slot(0), 0, limits.clone(), POLICY),
+            LlmGate::new(board, board.slot(1), 0, limits, POLICY),
+        ];
+        let mut on = [0; 2];
+        for i in 0..6 {
+            match gates[i % 2].try_admit(0) {
+                Admit::Backend(b) => on[b] += 1,
+                other => panic!("answer {i}: {other:?}"),
+            }
+        }
+        assert_eq!(on, [2, 4], "capacity decides");
+        assert_eq!(gates[0].try_admit(0), Admit::Full);
+        assert_eq!(gates[1].try_admit(0b10), Admit::Full, "backend 0 is full");
+        gates[0].release(1);
+        assert_eq!(gates[0].try_admit(0), Admit::Backend(1));
+        assert_eq!(board.backend(1).active, 4);
+        // Worker 1 dies: its places on both backends come back.
+        board.retire_slot(1);
+        let left = board.backend(0).active + board.backend(1).active;
+        assert!(left < 6, "{left}");
+    }
+
+    #[test]
+    fn a_breaker_opens_after_failures_probes_then_closes_on_success() {
+        let board: &'static Scoreboard = Box::leak(Box::new(Scoreboard::new(1).unwrap()));
+        board.slot(0).claim(1);
+        let limits = vec![BackendLimit { max_concurrent: 0 }; 2];
+        let gate = LlmGate::new(board, board.slot(0), 0, limits, POLICY);
+        assert!(!gate.record_failure(0));
+        assert!(gate.record_failure(0), "two in a row open it");
+        assert_eq!(gate.breaker_state(0), BreakerState::Open);
+        for _ in 0..3 {
+            assert_eq!(gate.try_admit(0), Admit::Backend(1), "0 is ejected");
+            gate.release(1);
+        }
+        assert_eq!(gate.try_admit(0b10), Admit::Unavailable);
+        assert!(gate.claim_probe(0));
+        gate.probe_passed(0);
+        assert_eq!(gate.breaker_state(0), BreakerState::HalfOpen);
+        assert_eq!(gate.try_admit(0b10), Admit::Backend(0));
+        assert_eq!(gate.try_admit(0b10), Admit::Full, "one answer on trial");
+        gate.record_success(0);
+        gate.release(0);
+        assert_eq!(gate.breaker_state(0), BreakerState::Closed);
+        assert_eq!(board.backend(0).opened, 1);
+        assert_eq!(board.backend(0).failures, 2);
     }
 
     #[test]

@@ -220,6 +220,33 @@ pub fn render(status: &Value) -> String {
             (num(&w["rss_bytes"]) / (1024.0 * 1024.0)).round()
         );
     }
+    let backends = status["llm_backends"].as_array().into_iter().flatten();
+    for (i, b) in backends.enumerate() {
+        if i == 0 {
+            let _ = writeln!(
+                out,
+                "\n{:>4} {:<9} {:>9} {:>4} {:>9} {:>7} {:>7}  {}",
+                "LLM", "STATE", "INFLIGHT", "MAX", "ANSWERS", "ERRORS", "EJECTED", "URL"
+            );
+        }
+        let max = match b["max_concurrent"].as_u64() {
+            Some(0) | None => "-".to_string(),
+            Some(n) => n.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>4} {:<9} {:>9} {:>4} {:>9} {:>7} {:>7}  {} ({})",
+            text(&b["backend"]),
+            text(&b["state"]),
+            text(&b["in_flight"]),
+            max,
+            text(&b["answers"]),
+            text(&b["errors"]),
+            text(&b["ejections"]),
+            text(&b["url"]),
+            text(&b["model"])
+        );
+    }
     out
 }
 
@@ -272,5 +299,39 @@ mod tests {
             "{}",
             rows[0]
         );
+    }
+
+    #[test]
+    fn renders_a_row_per_llm_backend() {
+        let status = serde_json::json!({
+            "master_pid": 10, "uptime_seconds": 1.0, "generation": 1, "requests_total": 0,
+            "config_path": null, "last_reload": null, "workers": [],
+            "llm_backends": [
+                {"backend": 0, "url": "http://a:11434", "model": "llama3.2", "max_concurrent": 4,
+                 "in_flight": 3, "answers": 120, "errors": 0, "ejections": 0, "state": "closed"},
+                {"backend": 1, "url": "http://b:11434", "model": "llama3.2", "max_concurrent": 0,
+                 "in_flight": 0, "answers": 7, "errors": 5, "ejections": 1, "state": "open"}
+            ]
+        });
+        let text = render(&status);
+        let header = text.lines().find(|l| l.contains("EJECTED")).expect(&text);
+        assert!(
+            header.contains("INFLIGHT") && header.ends_with("URL"),
+            "{text}"
+        );
+        let open = text
+            .lines()
+            .find(|l| l.contains("http://b:11434"))
+            .expect(&text);
+        assert!(open.contains("open") && open.contains(" - "), "{open}");
+        let closed = text
+            .lines()
+            .find(|l| l.contains("http://a:11434"))
+            .expect(&text);
+        assert!(
+            closed.contains("closed") && closed.contains("120"),
+            "{closed}"
+        );
+        assert_eq!(header.find("URL"), closed.find("http"), "{text}");
     }
 }

@@ -99,12 +99,37 @@ impl KeepAlive {
 /// the questions of a working day's quiet spells.
 pub const KEEP_ALIVE: &str = "30m";
 
+/// One LLM server of a pool: a `[[llm.backend]]` table, or one URL of `[llm] url`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LlmConfig {
+pub struct LlmBackend {
+    /// Never [`Provider::None`]: a pool only holds servers.
     pub provider: Provider,
+    /// Base URL without a trailing slash.
     pub url: String,
     pub model: String,
     pub api_key: Option<String>,
+    /// Answers it may generate at once across the pool (its `OLLAMA_NUM_PARALLEL`); 0 = no cap
+    /// of its own (only `[llm] max_concurrent`).
+    pub max_concurrent: usize,
+}
+
+/// Most backends of one pool: each has a fixed set of cells in the shared scoreboard.
+pub const MAX_LLM_BACKENDS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmConfig {
+    /// The first backend's (`[llm] provider`, or `None`: extractive answers only).
+    pub provider: Provider,
+    /// The first backend's URL, model and key: what a single-server setup reads.
+    pub url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    /// Every server answers may go to, in config order; empty when `provider = "none"`.
+    pub backends: Vec<LlmBackend>,
+    /// Consecutive failures of one backend that open its breaker, and how long it stays open
+    /// before a health probe may close it.
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
     /// Whole generation, first byte to last.
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -295,12 +320,99 @@ pub(super) fn embed(v: &Values) -> Result<EmbedConfig, ConfigError> {
     })
 }
 
+/// One http(s) base URL, trimmed of its trailing slash.
+fn checked_url(v: &Values, key: &Key, u: &str) -> Result<String, ConfigError> {
+    let u = u.trim();
+    if !(u.starts_with("http://") || u.starts_with("https://")) {
+        return Err(v.invalid(key, format!("\"{u}\" must start with http:// or https://")));
+    }
+    Ok(u.trim_end_matches('/').to_string())
+}
+
+/// The pool: the `[[llm.backend]]` tables when there are any (each inheriting what it leaves
+/// out from `[llm]`), else one backend per `[llm] url`.
+fn llm_backends(v: &Values) -> Result<Vec<LlmBackend>, ConfigError> {
+    let provider = provider(v, &LLM_PROVIDER);
+    let model = v.text_or_default(&LLM_MODEL);
+    let api_key = v.optional(&LLM_API_KEY);
+    let tables: Vec<&Values> = v.array(LLM_BACKEND_URL.table).collect();
+    let backends: Vec<LlmBackend> = if tables.is_empty() {
+        if provider == Provider::None {
+            return Ok(Vec::new());
+        }
+        let urls: Vec<&String> = v
+            .list(&LLM_URL)
+            .iter()
+            .filter(|u| !u.trim().is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(v.invalid(&LLM_URL, "the list of LLM servers is empty"));
+        }
+        urls.into_iter()
+            .map(|u| {
+                Ok(LlmBackend {
+                    provider,
+                    url: checked_url(v, &LLM_URL, u)?,
+                    model: model.clone(),
+                    api_key: api_key.clone(),
+                    max_concurrent: 0,
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?
+    } else {
+        let mut backends = Vec::with_capacity(tables.len());
+        for t in tables {
+            let Some(u) = t.optional(&LLM_BACKEND_URL) else {
+                return Err(t.invalid(&LLM_BACKEND_URL, "every [[llm.backend]] needs a url"));
+            };
+            let provider = match t.text(&LLM_BACKEND_PROVIDER) {
+                "ollama" => Provider::Ollama,
+                "openai" => Provider::OpenAi,
+                _ if provider == Provider::None => Provider::Ollama,
+                _ => provider,
+            };
+            backends.push(LlmBackend {
+                provider,
+                url: checked_url(t, &LLM_BACKEND_URL, &u)?,
+                model: t
+                    .optional(&LLM_BACKEND_MODEL)
+                    .unwrap_or_else(|| model.clone()),
+                api_key: t.optional(&LLM_BACKEND_API_KEY).or_else(|| api_key.clone()),
+                max_concurrent: t.int(&LLM_BACKEND_MAX_CONCURRENT) as usize,
+            });
+        }
+        backends
+    };
+    if backends.len() > MAX_LLM_BACKENDS {
+        return Err(v.invalid(
+            &LLM_URL,
+            format!(
+                "{} LLM servers; a pool takes at most {MAX_LLM_BACKENDS}",
+                backends.len()
+            ),
+        ));
+    }
+    Ok(backends)
+}
+
 pub(super) fn llm(v: &Values) -> Result<LlmConfig, ConfigError> {
+    let backends = llm_backends(v)?;
+    let first = backends.first();
     Ok(LlmConfig {
-        provider: provider(v, &LLM_PROVIDER),
-        url: url(v, &LLM_URL)?,
-        model: v.text_or_default(&LLM_MODEL),
-        api_key: v.optional(&LLM_API_KEY),
+        provider: first.map_or(Provider::None, |b| b.provider),
+        url: match first {
+            Some(b) => b.url.clone(),
+            None => checked_url(
+                v,
+                &LLM_URL,
+                v.list(&LLM_URL).first().map_or(OLLAMA_URL, |u| u),
+            )?,
+        },
+        model: first.map_or_else(|| v.text_or_default(&LLM_MODEL), |b| b.model.clone()),
+        api_key: first.map_or_else(|| v.optional(&LLM_API_KEY), |b| b.api_key.clone()),
+        breaker_failures: v.int(&LLM_BREAKER_FAILURES) as u32,
+        breaker_cooldown: v.seconds(&LLM_BREAKER_COOLDOWN),
+        backends,
         timeout: v.seconds(&LLM_TIMEOUT),
         connect_timeout: v.seconds(&LLM_CONNECT_TIMEOUT),
         first_token_timeout: v.seconds(&LLM_FIRST_TOKEN_TIMEOUT),

@@ -181,7 +181,8 @@ keys! {
 
     LLM_PROVIDER: "llm" "provider", Kind::Choice { default: "ollama", choices: PROVIDERS },
         "generation API: `ollama` (`/api/chat`), `openai` (`/v1/chat/completions`), or `none` (extractive answers)";
-    LLM_URL: "llm" "url", text(super::app::OLLAMA_URL), "base URL of the LLM server";
+    LLM_URL: "llm" "url", Kind::List { default: &[super::app::OLLAMA_URL] },
+        "base URL of the LLM server, or a list of servers sharing this table's `provider`, `model` and `api_key` (ignored when `[[llm.backend]]` tables are given)";
     LLM_MODEL: "llm" "model", text("llama3.2"), "model name";
     LLM_API_KEY: "llm" "api_key", SECRET, "bearer token for the LLM server";
     LLM_TIMEOUT: "llm" "timeout", secs(120.0, 0.1, HOUR), "seconds for a whole answer";
@@ -197,6 +198,17 @@ keys! {
         "thinking models may think (`false` sends `\"think\": false`); `true` shows their reasoning collapsed on the page";
     LLM_KEEP_ALIVE: "llm" "keep_alive", text(super::app::KEEP_ALIVE),
         "how long Ollama keeps the model loaded after a request (as `[embed] keep_alive`)";
+    LLM_BREAKER_FAILURES: "llm" "breaker_failures", int(3, 1, 1000),
+        "consecutive failures of one LLM backend that open its circuit breaker (no answers go to it)";
+    LLM_BREAKER_COOLDOWN: "llm" "breaker_cooldown", secs(5.0, 0.1, HOUR),
+        "seconds an open breaker waits before a health probe of the backend (success closes it, failure re-opens it)";
+    LLM_BACKEND_URL: "llm.backend" "url", text(""), "`[[llm.backend]]`: base URL of one LLM server of a pool (required in each table)";
+    LLM_BACKEND_PROVIDER: "llm.backend" "provider", Kind::Choice { default: "", choices: &["", "ollama", "openai"] },
+        "its API; `\"\"` = `[llm] provider`";
+    LLM_BACKEND_MODEL: "llm.backend" "model", text(""), "its model; `\"\"` = `[llm] model`";
+    LLM_BACKEND_API_KEY: "llm.backend" "api_key", SECRET, "its bearer token; `\"\"` = `[llm] api_key`";
+    LLM_BACKEND_MAX_CONCURRENT: "llm.backend" "max_concurrent", int(0, 0, 100_000),
+        "answers it generates at once, pool-wide (its `OLLAMA_NUM_PARALLEL`); 0 = no cap of its own";
 
     RAG_CHUNK_SIZE: "rag" "chunk_size", int(800, 100, 100_000), "chunks of about this many characters";
     RAG_CHUNK_OVERLAP: "rag" "chunk_overlap", int(100, 0, 50_000), "characters shared by neighbouring chunks (less than `chunk_size`)";
@@ -217,16 +229,22 @@ keys! {
     RAG_EXTRACT_MAX_TEXT: "rag" "extract_max_text", int(16, 1, 1024), "largest text extracted from one document in MiB (any format); beyond it `422`";
 }
 
-/// The tables, in the order their keys are declared.
+/// The tables, in the order their keys are declared (arrays of tables such as `llm.backend`
+/// are not among them: see [`ARRAYS`]).
 pub fn tables() -> Vec<&'static str> {
     let mut tables: Vec<&'static str> = Vec::new();
     for key in ALL {
-        if !key.table.is_empty() && !tables.contains(&key.table) {
+        if !key.table.is_empty() && !key.in_array() && !tables.contains(&key.table) {
             tables.push(key.table);
         }
     }
     tables
 }
+
+/// Arrays of tables, `(parent table, key)`: `[[llm.backend]]` is the key `backend` of `[llm]`,
+/// and each of its tables takes the keys declared in table `"llm.backend"`. Their keys are
+/// read from the file only (an array has no one environment variable per key).
+pub const ARRAYS: &[(&str, &str)] = &[("llm", "backend")];
 
 /// The key named `name` in `table` (`""` = top level).
 pub fn find(table: &str, name: &str) -> Option<&'static Key> {
@@ -241,6 +259,11 @@ impl Key {
         } else {
             format!("{}.{}", self.table, self.name)
         }
+    }
+
+    /// Whether the key belongs to an array of tables (`[[llm.backend]]`), set in the file only.
+    pub fn in_array(&self) -> bool {
+        self.table.contains('.')
     }
 
     /// `RAGPOOL_WORKERS`, or `RAGPOOL_RAG__TOP_K` inside a table.
@@ -418,13 +441,16 @@ pub fn reference_table() -> String {
         String::from("| key | takes | default | environment | meaning |\n|---|---|---|---|---|\n");
     for key in ALL {
         let default = to_toml(&key.kind.default_value()).replace('|', "\\|");
+        let env = match key.in_array() {
+            true => "(file only)".to_string(),
+            false => format!("`{}`", key.env_var()),
+        };
         let _ = writeln!(
             out,
-            "| `{}` | {} | `{}` | `{}` | {} |",
+            "| `{}` | {} | `{}` | {env} | {} |",
             key.path(),
             key.kind.describe().replace('|', "\\|"),
             default,
-            key.env_var(),
             key.doc
         );
     }
@@ -532,6 +558,17 @@ mod tests {
         let text = include_str!("../../workers.toml");
         let doc = toml_edit::ImDocument::parse(text).unwrap();
         for key in ALL {
+            if key.in_array() {
+                // Arrays of tables are shown as a commented example (a pool is optional).
+                let header = format!("# [[{}]]", key.table);
+                let example = &text[text.find(&header).expect("an [[llm.backend]] example")..];
+                assert!(
+                    example.contains(&format!("# {} = ", key.name)),
+                    "workers.toml's {header} example does not show `{}`",
+                    key.name
+                );
+                continue;
+            }
             let table = if key.table.is_empty() {
                 Some(doc.as_table() as &dyn toml_edit::TableLike)
             } else {

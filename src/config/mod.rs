@@ -365,6 +365,24 @@ impl Config {
                 false => writeln!(out, "{} = {shown}  # {}", key.name, notes.join("; ")),
             };
         }
+        for (parent, name) in keys::ARRAYS {
+            let array = format!("{parent}.{name}");
+            for entry in self.effective.array(&array) {
+                let _ = writeln!(out, "\n[[{array}]]");
+                for key in ALL.iter().filter(|k| k.table == array) {
+                    let shown = match entry.get(key) {
+                        Value::Text(s) if key.is_secret() && !s.is_empty() => {
+                            format!(
+                                "{}  # set, masked",
+                                keys::to_toml(&Value::Text("********".into()))
+                            )
+                        }
+                        value => keys::to_toml(value),
+                    };
+                    let _ = writeln!(out, "{} = {shown}", key.name);
+                }
+            }
+        }
         out
     }
 }
@@ -546,7 +564,7 @@ mod tests {
 
     #[test]
     fn every_declared_key_is_read_from_the_file_and_its_variable() {
-        for key in ALL {
+        for key in ALL.iter().filter(|k| !k.in_array()) {
             let default = key.kind.default_value();
             let written = keys::to_toml(&default);
             let doc = match key.table {
@@ -572,11 +590,85 @@ mod tests {
     }
 
     #[test]
-    fn check_output_round_trips() {
+    fn llm_takes_a_pool_of_backends_as_tables_or_a_url_list() {
         let c = parse(
-            "workers = 3\nbind = [\"127.0.0.1:9001\", \"unix:/tmp/a.sock\"]\nmax_requests = 50\n",
+            "[llm]\nmodel = \"qwen2.5\"\napi_key = \"k\"\nmax_concurrent = 10\n\
+             [[llm.backend]]\nurl = \"http://a:11434/\"\nmax_concurrent = 4\n\
+             [[llm.backend]]\nurl = \"http://b:8080/v1\"\nprovider = \"openai\"\n\
+             model = \"gpt\"\napi_key = \"\"\n",
         )
         .unwrap();
+        let b = &c.llm.backends;
+        assert_eq!(b.len(), 2);
+        assert_eq!(
+            (b[0].url.as_str(), b[0].provider, b[0].model.as_str()),
+            ("http://a:11434", Provider::Ollama, "qwen2.5")
+        );
+        assert_eq!(
+            (b[0].max_concurrent, b[0].api_key.as_deref()),
+            (4, Some("k"))
+        );
+        assert_eq!(
+            (b[1].provider, b[1].model.as_str(), b[1].max_concurrent),
+            (Provider::OpenAi, "gpt", 0)
+        );
+        assert_eq!(b[1].api_key.as_deref(), Some("k"), "blank = [llm]'s");
+        assert_eq!(
+            (c.llm.url.as_str(), c.llm.max_concurrent),
+            ("http://a:11434", 10)
+        );
+        // The check output shows the tables and reads back the same.
+        let shown = c.to_toml();
+        assert!(shown.contains("[[llm.backend]]"), "{shown}");
+        assert!(!shown.contains("= \"k\""), "secrets masked: {shown}");
+        let inline =
+            parse("llm.backend = [{ url = \"http://a:1\" }, { url = \"http://b:2\" }]\n").unwrap();
+        assert_eq!(inline.llm.backends.len(), 2);
+
+        let list = parse("[llm]\nurl = [\"http://a:1\", \"http://b:2\"]\n").unwrap();
+        let urls: Vec<&str> = list.llm.backends.iter().map(|b| b.url.as_str()).collect();
+        assert_eq!(urls, ["http://a:1", "http://b:2"]);
+        let one = Config::default();
+        assert_eq!(
+            one.llm.backends.len(),
+            1,
+            "the single server is a pool of one"
+        );
+        assert_eq!(one.llm.backends[0].url, app::OLLAMA_URL);
+        let none = parse("[llm]\nprovider = \"none\"\n").unwrap();
+        assert!(none.llm.backends.is_empty());
+
+        let err = parse("[[llm.backend]]\nurl = \"http://a:1\"\nmax_concurent = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("workers.toml:3:") && err.contains("max_concurrent"),
+            "{err}"
+        );
+        let err = parse("[[llm.backend]]\nmodel = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a url"), "{err}");
+        let err = parse("[llm.backend]\nurl = \"http://a:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected tables [[llm.backend]]"), "{err}");
+        let many: String = (0..17)
+            .map(|i| format!("[[llm.backend]]\nurl = \"http://h{i}:1\"\n"))
+            .collect();
+        let err = parse(&many).unwrap_err().to_string();
+        assert!(err.contains("at most 16"), "{err}");
+    }
+
+    #[test]
+    fn check_output_round_trips() {
+        let c = parse(
+            "workers = 3\nbind = [\"127.0.0.1:9001\", \"unix:/tmp/a.sock\"]\nmax_requests = 50\n\
+             [[llm.backend]]\nurl = \"http://a:1\"\nmax_concurrent = 4\n\
+             [[llm.backend]]\nurl = \"http://b:2\"\nprovider = \"openai\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.llm.backends.len(), 2);
         let again = parse(&c.to_toml()).unwrap();
         assert_eq!(
             Config {

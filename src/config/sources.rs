@@ -11,10 +11,14 @@ use std::path::Path;
 use super::error::{suggest, ConfigError, Origin};
 use super::keys::{self, Key, Value, ALL};
 
-/// Every key's effective value and where it came from, in the order of [`keys::ALL`].
+/// Every key's effective value and where it came from, in the order of [`keys::ALL`]; and the
+/// tables of each array of tables ([`keys::ARRAYS`]), each a full set of its keys' values.
 #[derive(Debug, Clone)]
 pub struct Values {
     entries: Vec<(Value, Origin)>,
+    /// `[[llm.backend]]` and its like, in file order: the array's key table (`"llm.backend"`)
+    /// and one table's values, indexed like [`keys::ALL`] (keys of other tables at default).
+    arrays: Vec<(&'static str, Values)>,
 }
 
 /// Two configurations are the same when their values are, wherever they came from.
@@ -24,6 +28,12 @@ impl PartialEq for Values {
             .iter()
             .zip(&other.entries)
             .all(|((a, _), (b, _))| a == b)
+            && self.arrays.len() == other.arrays.len()
+            && self
+                .arrays
+                .iter()
+                .zip(&other.arrays)
+                .all(|((ta, a), (tb, b))| ta == tb && a == b)
     }
 }
 
@@ -34,6 +44,7 @@ impl Default for Values {
                 .iter()
                 .map(|k| (k.kind.default_value(), Origin::Default))
                 .collect(),
+            arrays: Vec::new(),
         }
     }
 }
@@ -58,9 +69,23 @@ impl Values {
         &self.entries[index(key)].1
     }
 
-    /// Every key with its value and origin, in declaration order.
+    /// Every key with its value and origin, in declaration order (keys of arrays of tables
+    /// are in [`Values::array`] instead).
     pub fn iter(&self) -> impl Iterator<Item = (&'static Key, &Value, &Origin)> {
-        ALL.iter().zip(&self.entries).map(|(k, (v, o))| (k, v, o))
+        ALL.iter()
+            .zip(&self.entries)
+            .filter(|(k, _)| !k.in_array())
+            .map(|(k, (v, o))| (k, v, o))
+    }
+
+    /// The tables of the array of tables whose keys are declared in `table` (`"llm.backend"`),
+    /// in file order; read each with the usual getters and that table's keys.
+    pub fn array(&self, table: &str) -> impl Iterator<Item = &Values> {
+        let table = table.to_string();
+        self.arrays
+            .iter()
+            .filter(move |(t, _)| *t == table)
+            .map(|(_, v)| v)
     }
 
     /// An error about `key`, pointing at where its value came from.
@@ -165,11 +190,28 @@ pub fn apply_file(values: &mut Values, path: &Path, doc: &str) -> Result<(), Con
                     .key(inner)
                     .and_then(toml_edit::Key::span)
                     .or_else(|| item.span());
-                let known: Vec<&'static str> = ALL
+                if keys::ARRAYS.contains(&(name, inner)) {
+                    let array = format!("{name}.{inner}");
+                    let array = ALL
+                        .iter()
+                        .find(|k| k.table == array)
+                        .map(|k| k.table)
+                        .unwrap_or_else(|| unreachable!("no keys declared for [[{array}]]"));
+                    apply_array(values, array, item, &origin, span)?;
+                    set += 1;
+                    continue;
+                }
+                let mut known: Vec<&'static str> = ALL
                     .iter()
                     .filter(|k| k.table == name)
                     .map(|k| k.name)
                     .collect();
+                known.extend(
+                    keys::ARRAYS
+                        .iter()
+                        .filter(|(t, _)| *t == name)
+                        .map(|(_, k)| *k),
+                );
                 let Some(key) = keys::find(name, inner) else {
                     return Err(ConfigError::UnknownKey {
                         origin: origin(span),
@@ -207,6 +249,64 @@ pub fn apply_file(values: &mut Values, path: &Path, doc: &str) -> Result<(), Con
     Ok(())
 }
 
+/// `[[llm.backend]]` tables (or `backend = [{ ... }, ...]`): each one a set of the keys of
+/// `array` (the array's key table), checked like any other key; unknown keys are refused.
+fn apply_array(
+    values: &mut Values,
+    array: &'static str,
+    item: &toml_edit::Item,
+    origin: &impl Fn(Option<std::ops::Range<usize>>) -> Origin,
+    span: Option<std::ops::Range<usize>>,
+) -> Result<(), ConfigError> {
+    let tables: Vec<&dyn toml_edit::TableLike> = match item {
+        toml_edit::Item::ArrayOfTables(tables) => tables
+            .iter()
+            .map(|t| t as &dyn toml_edit::TableLike)
+            .collect(),
+        toml_edit::Item::Value(toml_edit::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ConfigError::Invalid {
+                origin: origin(span.clone()),
+                key: array.to_string(),
+                message: format!("expected tables [[{array}]]"),
+            })?,
+        _ => {
+            return Err(ConfigError::Invalid {
+                origin: origin(span),
+                key: array.to_string(),
+                message: format!("expected tables [[{array}]]"),
+            })
+        }
+    };
+    values.arrays.retain(|(t, _)| *t != array);
+    let known: Vec<&'static str> = ALL
+        .iter()
+        .filter(|k| k.table == array)
+        .map(|k| k.name)
+        .collect();
+    for table in tables {
+        let mut entry = Values::default();
+        for (inner, item) in table.iter() {
+            let span = table
+                .key(inner)
+                .and_then(toml_edit::Key::span)
+                .or_else(|| item.span());
+            let Some(key) = keys::find(array, inner) else {
+                return Err(ConfigError::UnknownKey {
+                    origin: origin(span),
+                    key: inner.to_string(),
+                    suggestion: suggest(inner, &known),
+                });
+            };
+            set_from_item(&mut entry, key, item, origin(span))?;
+        }
+        values.arrays.push((array, entry));
+    }
+    Ok(())
+}
+
 fn set_from_item(
     values: &mut Values,
     key: &Key,
@@ -236,7 +336,7 @@ pub fn apply_env(
     values: &mut Values,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
-    for key in ALL {
+    for key in ALL.iter().filter(|k| !k.in_array()) {
         let var = key.env_var();
         if let Some(text) = env(&var) {
             apply_text(values, key, &text, Origin::Env(var))?;

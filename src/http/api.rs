@@ -73,8 +73,12 @@ impl Api {
                 self.authorize_internal(&request, client)?;
                 let stats = self.rag.store().stats().await.ok();
                 let pending = self.rag.pending_vectors_cached().await;
-                let mut response =
-                    Response::new(full(super::metrics::prometheus(self.board, stats, pending)));
+                let mut response = Response::new(full(super::metrics::prometheus(
+                    self.board,
+                    &self.config.llm.backends,
+                    stats,
+                    pending,
+                )));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -85,7 +89,11 @@ impl Api {
                 self.authorize_internal(&request, client)?;
                 Ok(json(
                     StatusCode::OK,
-                    &super::metrics::status(self.board, self.config.path.as_deref()),
+                    &super::metrics::status(
+                        self.board,
+                        &self.config.llm.backends,
+                        self.config.path.as_deref(),
+                    ),
                 ))
             }
             Endpoint::Ask => self.ask(request, route.body).await,

@@ -6,10 +6,11 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
+use crate::config::app::LlmBackend;
 use crate::metrics::{MetricCells, BACKENDS, BUCKETS, CAUSES, ROUTES, STAGES, STATUSES};
 use crate::rag::engine::Event;
 use crate::rag::StoreStats;
-use crate::scoreboard::{unix_ms, Scoreboard, SlotState, WorkerView};
+use crate::scoreboard::{unix_ms, BackendView, BreakerState, Scoreboard, SlotState, WorkerView};
 
 /// Counts what an answer event says about the RAG path.
 pub fn observe(cells: &MetricCells, event: &Event) {
@@ -58,6 +59,7 @@ fn state_name(state: SlotState) -> &'static str {
 /// (documents stored without vectors, waiting for them) when it could not be listed.
 pub fn prometheus(
     board: &Scoreboard,
+    llm: &[LlmBackend],
     store: Option<StoreStats>,
     pending_vectors: Option<u64>,
 ) -> String {
@@ -235,6 +237,7 @@ pub fn prometheus(
             totals.upstream_errors(b)
         );
     }
+    llm_backends(&mut out, board, llm);
     if let Some(stats) = store {
         family(
             &mut out,
@@ -263,6 +266,107 @@ pub fn prometheus(
     out
 }
 
+/// Per LLM backend of the pool: answers running, admitted and failed, and its breaker.
+fn llm_backends(out: &mut String, board: &Scoreboard, llm: &[LlmBackend]) {
+    let families: [(&str, &str, &str, fn(&BackendView) -> u64); 5] = [
+        (
+            "ragpool_llm_backend_in_flight",
+            "gauge",
+            "Answers generating on each LLM backend now (pool-wide).",
+            |b| b.active,
+        ),
+        (
+            "ragpool_llm_backend_answers_total",
+            "counter",
+            "Answers sent to each LLM backend.",
+            |b| b.admitted,
+        ),
+        (
+            "ragpool_llm_backend_errors_total",
+            "counter",
+            "Answers that failed on each LLM backend (before or during the stream).",
+            |b| b.failures,
+        ),
+        (
+            "ragpool_llm_backend_ejections_total",
+            "counter",
+            "Times each LLM backend's circuit breaker opened.",
+            |b| b.opened,
+        ),
+        (
+            "ragpool_llm_backend_up",
+            "gauge",
+            "1 while the backend's circuit breaker is closed, 0 while open or half-open.",
+            |b| u64::from(b.state == BreakerState::Closed),
+        ),
+    ];
+    let views: Vec<BackendView> = (0..llm.len()).map(|i| board.backend(i)).collect();
+    for (name, kind, help, value) in families {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}
+# TYPE {name} {kind}"
+        );
+        for (i, (backend, view)) in llm.iter().zip(&views).enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{backend=\"{i}\",url=\"{}\"}} {}",
+                label(&backend.url),
+                value(view)
+            );
+        }
+    }
+    let name = "ragpool_llm_backend_state";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Each LLM backend's breaker: 1 for its current state.\n# TYPE {name} gauge"
+    );
+    for (i, (backend, view)) in llm.iter().zip(&views).enumerate() {
+        for state in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}{{backend=\"{i}\",url=\"{}\",state=\"{}\"}} {}",
+                label(&backend.url),
+                state.name(),
+                u8::from(view.state == state)
+            );
+        }
+    }
+}
+
+/// A label value escaped as the text format wants (`\`, `"`, newline).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// `/status`'s `llm_backends`: one object per backend of the pool.
+fn llm_status(board: &Scoreboard, llm: &[LlmBackend]) -> Vec<Value> {
+    llm.iter()
+        .enumerate()
+        .map(|(i, backend)| {
+            let view = board.backend(i);
+            json!({
+                "backend": i,
+                "url": backend.url,
+                "model": backend.model,
+                "max_concurrent": backend.max_concurrent,
+                "in_flight": view.active,
+                "answers": view.admitted,
+                "errors": view.failures,
+                "ejections": view.opened,
+                "state": view.state.name(),
+            })
+        })
+        .collect()
+}
+
 fn histogram(out: &mut String, name: &str, labels: &str, (buckets, sum_us): (&[u64], u64)) {
     let mut cumulative = 0;
     for (i, count) in buckets.iter().enumerate() {
@@ -275,7 +379,11 @@ fn histogram(out: &mut String, name: &str, labels: &str, (buckets, sum_us): (&[u
 }
 
 /// `/status`: mod_status for the pool.
-pub fn status(board: &Scoreboard, config_path: Option<&std::path::Path>) -> Value {
+pub fn status(
+    board: &Scoreboard,
+    llm: &[LlmBackend],
+    config_path: Option<&std::path::Path>,
+) -> Value {
     let (totals, workers) = board.snapshot();
     let info = board.header().info();
     let now = unix_ms();
@@ -306,5 +414,6 @@ pub fn status(board: &Scoreboard, config_path: Option<&std::path::Path>) -> Valu
             "last_heartbeat_seconds_ago": w.heartbeat_ms_ago as f64 / 1000.0,
             "rss_bytes": w.rss_bytes,
         })).collect::<Vec<_>>(),
+        "llm_backends": llm_status(board, llm),
     })
 }

@@ -48,11 +48,25 @@ impl App {
         slot: &'static crate::scoreboard::Slot,
     ) -> Result<App, AppError> {
         let mut rag = crate::rag::engine::Rag::open(config).await?;
-        if config.llm.max_concurrent > 0 {
-            let gate = crate::scoreboard::LlmGate::new(board, slot, config.llm.max_concurrent);
+        if !config.llm.backends.is_empty() {
+            use crate::scoreboard::{BackendLimit, BreakerPolicy, LlmGate};
+            let limits = config
+                .llm
+                .backends
+                .iter()
+                .map(|b| BackendLimit {
+                    max_concurrent: b.max_concurrent as u64,
+                })
+                .collect();
+            let breaker = BreakerPolicy {
+                failures: u64::from(config.llm.breaker_failures),
+                cooldown_ms: config.llm.breaker_cooldown.as_millis() as u64,
+            };
+            let gate = LlmGate::new(board, slot, config.llm.max_concurrent, limits, breaker);
             rag.set_gate(Box::new(gate));
         }
         let rag = Rc::new(rag);
+        tokio::task::spawn_local(Rc::clone(&rag).run_backend_probes());
         Ok(App {
             api: api::Api {
                 sources: Rc::new(sources::PublicSources::new(&config.rag.docs_dir)),
@@ -83,12 +97,27 @@ impl App {
     }
 }
 
+// The scoreboard maps cells for as many LLM backends as a config may list.
+const _: () = assert!(crate::config::app::MAX_LLM_BACKENDS == crate::scoreboard::MAX_LLM_BACKENDS);
+
 impl crate::rag::engine::GenerationGate for crate::scoreboard::LlmGate {
     fn enqueue(&self) -> u64 {
         crate::scoreboard::LlmGate::enqueue(self)
     }
-    fn try_admit(&self) -> bool {
-        crate::scoreboard::LlmGate::try_admit(self)
+    fn try_admit(&self, tried: u64) -> crate::rag::engine::Admit {
+        use crate::rag::engine::Admit as A;
+        use crate::scoreboard::Admit as S;
+        match crate::scoreboard::LlmGate::try_admit(self, tried) {
+            S::Backend(index) => A::Backend(index),
+            S::Full => A::Full,
+            S::Unavailable => A::Unavailable,
+        }
+    }
+    fn try_take(&self) -> Option<usize> {
+        match crate::scoreboard::LlmGate::try_take(self) {
+            crate::scoreboard::Admit::Backend(index) => Some(index),
+            _ => None,
+        }
     }
     fn position(&self, ticket: u64) -> u64 {
         crate::scoreboard::LlmGate::position(self, ticket)
@@ -96,7 +125,22 @@ impl crate::rag::engine::GenerationGate for crate::scoreboard::LlmGate {
     fn abandon(&self) {
         crate::scoreboard::LlmGate::abandon(self)
     }
-    fn release(&self) {
-        crate::scoreboard::LlmGate::release(self)
+    fn release(&self, backend: usize) {
+        crate::scoreboard::LlmGate::release(self, backend)
+    }
+    fn record(&self, backend: usize, ok: bool) -> bool {
+        match ok {
+            true => {
+                self.record_success(backend);
+                false
+            }
+            false => self.record_failure(backend),
+        }
+    }
+    fn claim_probe(&self, backend: usize) -> bool {
+        crate::scoreboard::LlmGate::claim_probe(self, backend)
+    }
+    fn probe_passed(&self, backend: usize) {
+        crate::scoreboard::LlmGate::probe_passed(self, backend)
     }
 }

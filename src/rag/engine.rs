@@ -248,7 +248,8 @@ pub struct Rag {
     /// Parses uploads and files: HTML and PDF in a sandboxed helper process.
     extractor: Extractor,
     embedder: Option<Embedder>,
-    generator: Option<Generator>,
+    /// The LLM servers answers go to (`[[llm.backend]]`), in config order; empty = none.
+    generators: Vec<Generator>,
     stems: Stems,
     config: crate::config::RagConfig,
     /// "ollama", "openai" or "none": the label of LLM errors in metrics.
@@ -274,7 +275,7 @@ impl Rag {
             what: "embedding",
             source,
         })?;
-        let generator = Generator::new(&config.llm).map_err(|source| RagError::Client {
+        let generators = Generator::pool(&config.llm).map_err(|source| RagError::Client {
             what: "LLM",
             source,
         })?;
@@ -282,7 +283,7 @@ impl Rag {
             store,
             extractor: Extractor::sandboxed(extract_limits(&config.rag)),
             embedder,
-            generator,
+            generators,
             stems: Stems::default(),
             config: config.rag.clone(),
             llm_backend: match config.llm.provider {
@@ -299,9 +300,38 @@ impl Rag {
         })
     }
 
-    /// Caps concurrent generations with a gate shared by the pool.
+    /// Routes generations through a gate shared by the pool: caps, backend choice, breakers.
     pub fn set_gate(&mut self, gate: Box<dyn GenerationGate>) {
         self.gate = Some(gate);
+    }
+
+    /// Runs for the worker's life: every [`PROBE_INTERVAL`], each backend whose breaker is
+    /// open and cooled down (claimed by one worker of the pool) gets a health probe, its model
+    /// check; when it passes, answers may try the backend again (one at a time until one
+    /// succeeds). Without a gate there is no breaker and this returns at once.
+    pub async fn run_backend_probes(self: std::rc::Rc<Self>) {
+        let Some(gate) = &self.gate else { return };
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            for (index, generator) in self.generators.iter().enumerate() {
+                if !gate.claim_probe(index) {
+                    continue;
+                }
+                match generator.check_model().await {
+                    Ok(()) => {
+                        log::info!(
+                            "LLM backend {index} ({}) answers its health probe: on trial",
+                            generator.url()
+                        );
+                        gate.probe_passed(index);
+                    }
+                    Err(e) => {
+                        log::info!("LLM backend {index} still ejected: {e}");
+                        gate.record(index, false);
+                    }
+                }
+            }
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -622,7 +652,7 @@ impl Rag {
         }
         let generate_started = Instant::now();
         let mut truncated = false;
-        let mode = match &self.generator {
+        let mode = match self.generators.first() {
             None => {
                 let text = answer::extractive_answer(
                     question,
@@ -642,7 +672,6 @@ impl Rag {
             }
             Some(generator) => match self
                 .generate(
-                    generator,
                     question,
                     history,
                     &hits,
@@ -696,9 +725,12 @@ impl Rag {
             .await;
     }
 
+    /// One answer from the pool: a place on a backend (waiting in line while all are full),
+    /// then its stream. A backend that fails before anything was sent to the client costs
+    /// nothing but time: the answer is tried on another one not tried yet. Once a token went
+    /// out it cannot be taken back, so a failure after that ends the answer.
     async fn generate(
         &self,
-        generator: &Generator,
         question: &str,
         history: &[Turn],
         hits: &[Hit],
@@ -716,41 +748,96 @@ impl Rag {
             role: Role::User,
             content: answer::user_prompt(question, hits),
         });
-        let _admission = match &self.gate {
-            None => None,
-            Some(gate) => match wait_in_line(gate.as_ref(), events).await {
-                Some(admission) => Some(admission),
-                None => return Generation::ReceiverGone,
-            },
-        };
+        let mut tried: u64 = 0;
+        let mut last_error = None;
+        loop {
+            let admission = match &self.gate {
+                None => match (0..self.generators.len()).find(|i| tried & (1 << i) == 0) {
+                    Some(index) => Admission { gate: None, index },
+                    None => break,
+                },
+                Some(gate) => match wait_in_line(gate.as_ref(), events, tried).await {
+                    Line::Admitted(admission) => admission,
+                    Line::Unavailable => break,
+                    Line::ClientGone => return Generation::ReceiverGone,
+                },
+            };
+            let index = admission.index;
+            tried |= 1 << index;
+            let generator = &self.generators[index];
+            let attempt = self
+                .generate_on(generator, &messages, events, timings, started)
+                .await;
+            if let Some(gate) = &self.gate {
+                match &attempt {
+                    Attempt::Retry(_) | Attempt::Done(Generation::FailedMidStream(_), false) => {
+                        if gate.record(index, false) {
+                            log::warn!(
+                                "LLM backend {index} ({}) ejected: its breaker is open",
+                                generator.url()
+                            );
+                        }
+                    }
+                    Attempt::Done(Generation::ReceiverGone, _) => {}
+                    Attempt::Done(_, _) => {
+                        gate.record(index, true);
+                    }
+                }
+            }
+            match attempt {
+                Attempt::Done(generation, _) => return generation,
+                Attempt::Retry(e) => {
+                    log::warn!("LLM backend {index} failed before the first token: {e}");
+                    last_error = Some(e);
+                }
+            }
+            drop(admission);
+        }
+        Generation::Unavailable(last_error.unwrap_or(LlmError::NoBackend))
+    }
+
+    /// One try of an answer on one backend.
+    async fn generate_on(
+        &self,
+        generator: &Generator,
+        messages: &[ChatMessage],
+        events: &mpsc::Sender<Event>,
+        timings: &mut Timings,
+        started: Instant,
+    ) -> Attempt {
         let mut tokens = tokio::select! {
-            stream = generator.stream(&messages) => match stream {
+            stream = generator.stream(messages) => match stream {
                 Ok(tokens) => tokens,
-                Err(e) => return Generation::Unavailable(e),
+                Err(e) => return Attempt::Retry(e),
             },
-            _ = events.closed() => return Generation::ReceiverGone,
+            _ = events.closed() => return Attempt::Done(Generation::ReceiverGone, true),
         };
         // The first token of any kind stops the first-token clock (the client's bound is met
         // by reasoning too); only answer text makes an answer.
         let mut first_seen = false;
         let mut answered = false;
         let mut reasoned = false;
+        // Whether anything of this answer reached the client: then it cannot move elsewhere.
+        let mut sent = false;
         loop {
             let next = tokio::select! {
                 next = tokens.next() => next,
                 // The client went away: dropping `tokens` closes the upstream connection.
-                _ = events.closed() => return Generation::ReceiverGone,
+                _ = events.closed() => return Attempt::Done(Generation::ReceiverGone, true),
             };
             let event = match next {
                 // A clean end always says how it finished first; treat a bare end alike.
                 None => Chunk::Finished(Finish::Stop),
                 Some(Ok(chunk)) => chunk,
-                Some(Err(e)) if !answered => return Generation::Unavailable(e),
+                Some(Err(e)) if !sent => return Attempt::Retry(e),
                 Some(Err(e)) => {
                     log::warn!("LLM failed mid-answer: {e}");
-                    return Generation::FailedMidStream(
-                        "the language model stopped in the middle of the answer; please ask again"
-                            .into(),
+                    return Attempt::Done(
+                        Generation::FailedMidStream(
+                            "the language model stopped in the middle of the answer; please ask again"
+                                .into(),
+                        ),
+                        false,
                     );
                 }
             };
@@ -762,28 +849,35 @@ impl Rag {
             match event {
                 Chunk::Reasoning(text) => {
                     reasoned = true;
-                    if self.think && events.send(Event::Reasoning(text)).await.is_err() {
-                        return Generation::ReceiverGone;
+                    if self.think {
+                        sent = true;
+                        if events.send(Event::Reasoning(text)).await.is_err() {
+                            return Attempt::Done(Generation::ReceiverGone, true);
+                        }
                     }
                 }
                 Chunk::Answer(token) => {
                     answered = true;
+                    sent = true;
                     if events.send(Event::Token(token)).await.is_err() {
-                        return Generation::ReceiverGone;
+                        return Attempt::Done(Generation::ReceiverGone, true);
                     }
                 }
                 Chunk::Finished(finish) if !answered => {
                     let message = no_answer_message(&finish, reasoned, generator.max_tokens());
                     log::warn!("LLM ended without an answer ({finish:?}): {message}");
-                    return Generation::FailedMidStream(message);
+                    return Attempt::Done(Generation::FailedMidStream(message), true);
                 }
                 Chunk::Finished(finish) => {
                     if finish == Finish::Length {
                         log::info!("answer cut off at max_tokens = {}", generator.max_tokens());
                     }
-                    return Generation::Finished {
-                        cut_off: finish == Finish::Length,
-                    };
+                    return Attempt::Done(
+                        Generation::Finished {
+                            cut_off: finish == Finish::Length,
+                        },
+                        true,
+                    );
                 }
             }
         }
@@ -795,14 +889,27 @@ impl Rag {
     ///
     /// The rewrite does not wait in the pool's line for a generation (`[llm] max_concurrent`):
     /// it is capped at [`conversation::REWRITE_MAX_TOKENS`] and bounded by the timeout, and
-    /// queueing it would put a follow-up in line twice.
+    /// queueing it would put a follow-up in line twice. With a pool it takes a free place on a
+    /// backend if there is one right now (so no backend's `max_concurrent` is ever exceeded),
+    /// else the fallback is used.
     async fn standalone(
         &self,
         question: &str,
         history: &[Turn],
         events: &mpsc::Sender<Event>,
     ) -> Option<(String, &'static str)> {
-        if let Some(generator) = &self.generator {
+        let place = match &self.gate {
+            None => self.generators.first().map(|_| Admission {
+                gate: None,
+                index: 0,
+            }),
+            Some(gate) => gate.try_take().map(|index| Admission {
+                gate: Some(gate.as_ref()),
+                index,
+            }),
+        };
+        if let Some(place) = &place {
+            let generator = &self.generators[place.index];
             let messages = conversation::rewrite_messages(question, history);
             let call = async {
                 let mut tokens = generator
@@ -869,7 +976,7 @@ impl Rag {
             .await;
         let stats = counted.as_ref().ok().copied();
         let store = ComponentHealth::of(counted.map(|_| ()), None);
-        let llm = match &self.generator {
+        let llm = match self.generators.first() {
             None => ComponentHealth {
                 status: "none",
                 detail: Some("no LLM configured: answers are extractive".into()),
@@ -879,7 +986,17 @@ impl Rag {
                 let result = self
                     .llm_probe
                     .get_or_refresh(|| async {
-                        generator.check_model().await.map_err(|e| e.to_string())
+                        // Up while any backend of the pool is: the first that answers.
+                        let mut first_error = None;
+                        for generator in &self.generators {
+                            match generator.check_model().await {
+                                Ok(()) => return Ok(()),
+                                Err(e) => {
+                                    first_error.get_or_insert_with(|| e.to_string());
+                                }
+                            }
+                        }
+                        Err(first_error.unwrap_or_default())
                     })
                     .await;
                 ComponentHealth::of(result, Some(generator.model()))
@@ -964,59 +1081,114 @@ impl<T: Clone> TtlCache<T> {
     }
 }
 
-/// A cap on concurrent generations shared with other processes (the pool's), provided by the
-/// caller: the engine only waits in line, reports its place, and releases when done.
+/// Where generations may run, shared with other processes (the pool's), provided by the
+/// caller: caps, the choice of backend and each backend's circuit breaker. The engine only
+/// waits in line, reports its place, says how each try went, and releases when done.
 pub trait GenerationGate {
     /// Joins the line; returns a ticket.
     fn enqueue(&self) -> u64;
-    /// True when a generation may start now (then `release` must follow).
-    fn try_admit(&self) -> bool;
+    /// A place on a backend not in `tried` (a bit per backend index), if one is free now.
+    fn try_admit(&self, tried: u64) -> Admit;
+    /// A free place now, without waiting in line (then `release` it), for a short call.
+    fn try_take(&self) -> Option<usize>;
     /// The ticket's place in line, 1 = next.
     fn position(&self, ticket: u64) -> u64;
     /// Leaves the line without starting.
     fn abandon(&self);
-    fn release(&self);
+    /// Gives back the place on `backend`.
+    fn release(&self, backend: usize);
+    /// How a try on `backend` went; true when this failure ejected it (opened its breaker).
+    fn record(&self, backend: usize, ok: bool) -> bool;
+    /// Whether this process should health-probe the ejected `backend` now.
+    fn claim_probe(&self, backend: usize) -> bool;
+    /// The health probe of `backend` passed: answers may try it again.
+    fn probe_passed(&self, backend: usize);
+}
+
+/// What a [`GenerationGate`] says to an answer asking for a place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Generate on this backend.
+    Backend(usize),
+    /// All usable backends are busy: wait.
+    Full,
+    /// None can take it (ejected, or tried already): answer without the LLM.
+    Unavailable,
 }
 
 /// How often a waiting answer checks for a free place.
 const GATE_POLL: Duration = Duration::from_millis(50);
+/// How often a worker looks for ejected backends due for a health probe.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Releases an admitted place when the generation ends, however it ends.
-struct Admission<'a>(&'a dyn GenerationGate);
+/// A place on backend `index`, given back when the try ends, however it ends.
+struct Admission<'a> {
+    gate: Option<&'a dyn GenerationGate>,
+    index: usize,
+}
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        self.0.release();
+        if let Some(gate) = self.gate {
+            gate.release(self.index);
+        }
     }
 }
 
-/// Waits for a place, telling the client its position; `None` if the client left first.
+/// How waiting in line ended.
+enum Line<'a> {
+    Admitted(Admission<'a>),
+    /// No backend can take the answer.
+    Unavailable,
+    /// The client left first.
+    ClientGone,
+}
+
+/// Waits for a place on a backend not in `tried`, telling the client its position.
 async fn wait_in_line<'a>(
     gate: &'a dyn GenerationGate,
     events: &mpsc::Sender<Event>,
-) -> Option<Admission<'a>> {
+    tried: u64,
+) -> Line<'a> {
     let ticket = gate.enqueue();
     let mut told = 0;
     loop {
-        if gate.try_admit() {
-            return Some(Admission(gate));
+        match gate.try_admit(tried) {
+            Admit::Backend(index) => {
+                return Line::Admitted(Admission {
+                    gate: Some(gate),
+                    index,
+                })
+            }
+            Admit::Unavailable => {
+                gate.abandon();
+                return Line::Unavailable;
+            }
+            Admit::Full => {}
         }
         let position = gate.position(ticket);
         if position != told {
             told = position;
             if events.send(Event::Queued { position }).await.is_err() {
                 gate.abandon();
-                return None;
+                return Line::ClientGone;
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(GATE_POLL) => {}
             _ = events.closed() => {
                 gate.abandon();
-                return None;
+                return Line::ClientGone;
             }
         }
     }
+}
+
+/// One try on one backend: done (and whether the backend did its part), or failed before
+/// anything reached the client, so another backend may try.
+enum Attempt {
+    Done(Generation, bool),
+    Retry(LlmError),
 }
 
 enum Generation {

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use ragpool::config::app::{EmbedConfig, KeepAlive, LlmConfig, Provider};
+use ragpool::config::app::{EmbedConfig, KeepAlive, LlmBackend, LlmConfig, Provider};
 use ragpool::rag::llm::{
     ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, TimeoutKind, TokenStream,
 };
@@ -27,6 +27,15 @@ fn llm_config(provider: Provider, url: &str) -> LlmConfig {
         url: url.to_string(),
         model: "llama3.2".into(),
         api_key: None,
+        backends: vec![LlmBackend {
+            provider,
+            url: url.to_string(),
+            model: "llama3.2".into(),
+            api_key: None,
+            max_concurrent: 0,
+        }],
+        breaker_failures: 3,
+        breaker_cooldown: Duration::from_secs(5),
         timeout: Duration::from_secs(20),
         connect_timeout: Duration::from_secs(1),
         first_token_timeout: Duration::from_secs(10),

@@ -10,6 +10,7 @@ mod hostile_http;
 mod lifecycle;
 mod limits;
 mod llm;
+mod llm_pool;
 mod metrics;
 mod nginx;
 mod ops;

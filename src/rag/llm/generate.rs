@@ -24,7 +24,7 @@ use super::{
     request_error, status_error, ChatEvent, ChatMessage, Chunk, Endpoint, LlmError, TimeoutKind,
     TokenStream,
 };
-use crate::config::app::{KeepAlive, LlmConfig, Provider};
+use crate::config::app::{KeepAlive, LlmBackend, LlmConfig, Provider};
 
 /// A generation client for one model on one server (enum dispatch over the two protocols).
 #[derive(Debug)]
@@ -57,15 +57,42 @@ pub struct ChatClient {
 impl Generator {
     /// The configured generator, or `None` when `[llm] provider = "none"` (extractive answers
     /// only). Connects lazily: use [`Generator::check_model`] to probe.
+    /// The one server of `[llm]`'s own `provider`, `url`, `model` and `api_key` (the first
+    /// backend of a pool); see [`Generator::pool`] for all of them.
     pub fn new(config: &LlmConfig) -> Result<Option<Generator>, LlmError> {
+        if config.provider == Provider::None {
+            return Ok(None);
+        }
+        let first = LlmBackend {
+            provider: config.provider,
+            url: config.url.clone(),
+            model: config.model.clone(),
+            api_key: config.api_key.clone(),
+            max_concurrent: 0,
+        };
+        Generator::for_backend(config, &first).map(Some)
+    }
+
+    /// Every backend of the pool (`[[llm.backend]]`, or `[llm] url`), in config order; empty
+    /// when `provider = "none"`.
+    pub fn pool(config: &LlmConfig) -> Result<Vec<Generator>, LlmError> {
+        config
+            .backends
+            .iter()
+            .map(|backend| Generator::for_backend(config, backend))
+            .collect()
+    }
+
+    /// The client of one backend, with `[llm]`'s bounds and sampling.
+    pub fn for_backend(config: &LlmConfig, backend: &LlmBackend) -> Result<Generator, LlmError> {
         let client = |config: &LlmConfig| -> Result<ChatClient, LlmError> {
             Ok(ChatClient {
                 endpoint: Endpoint::new(
-                    &config.url,
-                    config.api_key.as_deref(),
+                    &backend.url,
+                    backend.api_key.as_deref(),
                     config.connect_timeout,
                 )?,
-                model: config.model.clone(),
+                model: backend.model.clone(),
                 timeout: config.timeout,
                 connect_timeout: config.connect_timeout,
                 first_token_timeout: config.first_token_timeout,
@@ -75,11 +102,15 @@ impl Generator {
                 keep_alive: config.keep_alive.clone(),
             })
         };
-        Ok(match config.provider {
-            Provider::None => None,
-            Provider::Ollama => Some(Generator::Ollama(client(config)?)),
-            Provider::OpenAi => Some(Generator::OpenAi(client(config)?)),
+        Ok(match backend.provider {
+            Provider::OpenAi => Generator::OpenAi(client(config)?),
+            Provider::Ollama | Provider::None => Generator::Ollama(client(config)?),
         })
+    }
+
+    /// The server's base URL (for logs and `/status`).
+    pub fn url(&self) -> String {
+        self.client().endpoint.url("")
     }
 
     pub fn model(&self) -> &str {

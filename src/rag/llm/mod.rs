@@ -144,6 +144,9 @@ pub enum LlmError {
         expected: usize,
         got: usize,
     },
+    /// Every LLM backend of the pool is ejected (its circuit breaker open) or was tried.
+    #[error("no LLM backend can take the answer: every one is ejected or failed")]
+    NoBackend,
     /// The client cannot be built from this configuration.
     #[error("cannot use {url}: {reason}")]
     Config { url: String, reason: String },
@@ -164,9 +167,10 @@ impl LlmError {
     /// bad key) or a server speaking a protocol we do not understand.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            LlmError::Connect { .. } | LlmError::Timeout { .. } | LlmError::Transport { .. } => {
-                true
-            }
+            LlmError::Connect { .. }
+            | LlmError::Timeout { .. }
+            | LlmError::Transport { .. }
+            | LlmError::NoBackend => true,
             LlmError::Status { status, .. } => *status == 429 || *status >= 500,
             LlmError::Protocol { .. }
             | LlmError::Upstream { .. }
@@ -260,20 +264,18 @@ pub async fn probe_models(
     embed: &crate::config::app::EmbedConfig,
 ) -> Vec<ModelProbe> {
     let mut probes = Vec::new();
-    match Generator::new(llm) {
-        Ok(None) => {}
-        Ok(Some(generator)) => probes.push(ModelProbe {
+    // Every backend of the pool, one after the other.
+    for backend in &llm.backends {
+        let result = match Generator::for_backend(llm, backend) {
+            Ok(generator) => generator.check_model().await,
+            Err(e) => Err(e),
+        };
+        probes.push(ModelProbe {
             table: "llm",
-            url: llm.url.clone(),
-            model: llm.model.clone(),
-            result: generator.check_model().await,
-        }),
-        Err(e) => probes.push(ModelProbe {
-            table: "llm",
-            url: llm.url.clone(),
-            model: llm.model.clone(),
-            result: Err(e),
-        }),
+            url: backend.url.clone(),
+            model: backend.model.clone(),
+            result,
+        });
     }
     match Embedder::new(embed) {
         Ok(None) => {}

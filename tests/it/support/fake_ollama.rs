@@ -201,6 +201,12 @@ impl FakeOllama {
     }
 
     pub fn with(options: FakeOptions) -> FakeOllama {
+        FakeOllama::on_port(options, 0)
+    }
+
+    /// Like [`FakeOllama::with`], on a given loopback port (0 = any): a test brings a backend
+    /// it killed (dropped) back at the same URL.
+    pub fn on_port(options: FakeOptions, port: u16) -> FakeOllama {
         let state = Arc::new(State {
             answer: Mutex::new(options.answer),
             rewrite: Mutex::new(None),
@@ -234,7 +240,7 @@ impl FakeOllama {
             max_concurrent_streams: AtomicU64::new(0),
         });
         // Bound here, synchronously, with a deep backlog: hundreds of clients may connect at once.
-        let listener = bind_loopback().expect("fake ollama: bind 127.0.0.1:0");
+        let listener = bind_loopback(port).expect("fake ollama: bind 127.0.0.1");
         let addr = listener.local_addr().expect("fake ollama: local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let shared = Arc::clone(&state);
@@ -494,10 +500,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn bind_loopback() -> std::io::Result<std::net::TcpListener> {
+fn bind_loopback(port: u16) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+    // A port given again after a stop may still have connections in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     socket.set_nonblocking(true)?;
