@@ -159,6 +159,27 @@ fn stop_cancels_the_generation_upstream_and_retry_answers_again() {
     );
     assert_eq!(fake.counters().chat_completed, 1, "{:?}", fake.counters());
     assert_eq!(fake.rewrites(), 0);
+
+    // On a phone the conversations are behind "Chats": the first one opens from there.
+    let menu = wait_for(&browser, "#menu");
+    assert!(!browser.is_displayed(&wait_for(&browser, "#sidebar")));
+    browser.click(&menu);
+    assert_eq!(
+        browser.attribute(&menu, "aria-expanded").as_deref(),
+        Some("true")
+    );
+    let chats = browser.find_all("#chats li .open");
+    assert_eq!(chats.len(), 2);
+    assert!(browser.is_displayed(&chats[1]));
+    browser.click(&chats[1]);
+    assert!(wait_until(BOUND, || {
+        browser.text_of("#log .q").as_deref() == Some("How are workers reloaded?")
+    }));
+    assert!(!browser.is_displayed(&wait_for(&browser, "#sidebar")));
+    assert_eq!(
+        browser.attribute(&menu, "aria-expanded").as_deref(),
+        Some("false")
+    );
 }
 
 /// A document long enough for several chunks; its third section is what the answer cites.
@@ -268,6 +289,24 @@ fn a_conversation_survives_a_reload_and_its_sources_open_the_document() {
             .as_deref()
             == Some("Copied")
     }));
+    // The switch re-labels the conversation too; the answer stays as it was.
+    browser.click(&wait_for(&browser, "#lang"));
+    let card = wait_for(&browser, "#log .a");
+    assert_eq!(
+        browser
+            .find_in(&card, ".actions .copy")
+            .map(|b| browser.text(&b)),
+        Some("Копировать".to_string())
+    );
+    assert_eq!(
+        browser
+            .find_in(&card, ".sources-title")
+            .map(|b| browser.text(&b)),
+        Some("Источники".to_string())
+    );
+    assert!(browser.find_in(&card, "pre code").is_some());
+    browser.click(&wait_for(&browser, "#lang"));
+
     fake.set_answer(Some("Yes, `ragpool reload` does the same [1]."));
     ask_done(&browser, "Is there a command for it?");
 
