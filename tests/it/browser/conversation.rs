@@ -1,6 +1,7 @@
 //! Conversations on the page: a follow-up retrieved in the context of the question before it,
 //! Stop (the fake Ollama sees its chat cancelled), Retry, the document view a source opens,
-//! and a conversation that survives a reload (localStorage), with "New chat".
+//! a conversation that survives a reload (localStorage), with "New chat" and the phone's drawer,
+//! and the place in line while the LLM is busy.
 
 use std::time::Duration;
 
@@ -354,4 +355,57 @@ fn a_conversation_survives_a_reload_and_its_sources_open_the_document() {
             && sent.contains("Is there a command for it?"),
         "the earlier turns reach the LLM: {sent}"
     );
+}
+
+#[test]
+fn a_question_waiting_for_the_llm_shows_its_place_in_line() {
+    let Some(browser) = Browser::start(PHONE.0, PHONE.1) else {
+        return;
+    };
+    let fake = FakeOllama::with(FakeOptions {
+        answer: Some("Send HUP to the master [1].".into()),
+        tokens: 4,
+        answer_duration: Duration::from_secs(4),
+        ..FakeOptions::default()
+    });
+    let config = with_fake(&fake).replace(
+        "first_token_timeout = 5\n",
+        "first_token_timeout = 5\nmax_concurrent = 1\n",
+    );
+    let server = ServerProcess::start(&config);
+    let addr = server.addr();
+    add_document(
+        &addr,
+        "Reload",
+        "# Reload\n\nSend HUP to the master to reload the workers.",
+    );
+    browser.goto(&format!("http://{addr}/"));
+    wait_for(&browser, "#question");
+
+    // Someone else's answer holds the one place.
+    let other = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            crate::support::http::post_json(
+                &addr,
+                "/api/ask/stream",
+                &serde_json::json!({ "question": "how do I reload the workers?" }),
+            )
+        })
+    };
+    assert!(fake.wait_until(BOUND, |c| c.active_streams == 1));
+    let card = ask(&browser, "How do I reload the workers?");
+    wait_for_state(&browser, &card, "queued");
+    assert_eq!(
+        browser.find_in(&card, ".status").map(|s| browser.text(&s)),
+        Some("Waiting for the language model: you are #1 in line…".to_string())
+    );
+    wait_for_state(&browser, &card, "done");
+    assert_eq!(
+        browser.text(&browser.find_in(&card, ".answer").expect(".answer")),
+        "Send HUP to the master [1]."
+    );
+    let other = other.join().unwrap().expect("the other answer");
+    assert!(other.body.contains("event: done"), "{}", other.body);
+    assert_eq!(fake.counters().max_concurrent_streams, 1);
 }
