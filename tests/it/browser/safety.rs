@@ -110,7 +110,10 @@ fn assert_nothing_ran(browser: &Browser, when: &str) {
         "const all = [...document.querySelectorAll('*')];
          return {
            pwned: window.__pwned === undefined ? null : String(window.__pwned),
-           foreign: all.filter((e) => ['IMG','IFRAME','SVG','OBJECT','EMBED','svg'].includes(e.tagName)).length,
+           foreign: all.filter((e) => ['IMG','IFRAME','OBJECT','EMBED','svg','path'].includes(e.tagName)
+             && !(e.closest('button.vote > svg.icon'))).length,
+           icons: [...document.querySelectorAll('svg')].every((svg) => svg.matches('button.vote > svg.icon')
+             && svg.children.length === 1 && svg.firstElementChild.getAttributeNames().join() === 'd'),
            scripts: document.scripts.length,
            handlers: all.flatMap((e) => [...e.attributes].filter((a) => a.name.startsWith('on')).map((a) => e.tagName + ' ' + a.name)),
            links: [...document.querySelectorAll('[href]')].map((a) => a.getAttribute('href')).filter((h) => !/^(https?:|#)/i.test(h) && !(h.startsWith('data:,') )),
@@ -121,6 +124,10 @@ fn assert_nothing_ran(browser: &Browser, when: &str) {
     eprintln!("{when}: {report}");
     assert_eq!(report["pwned"], Value::Null, "{when}: {report}");
     assert_eq!(report["foreign"], 0, "{when}: {report}");
+    assert_eq!(
+        report["icons"], true,
+        "{when}: only the page's own thumbs: {report}"
+    );
     assert_eq!(
         report["scripts"], 1,
         "{when}: only the page's own script: {report}"
