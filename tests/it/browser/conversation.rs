@@ -226,6 +226,15 @@ fn a_conversation_survives_a_reload_and_its_sources_open_the_document() {
         Some("ragpool reload".to_string())
     );
 
+    // Every control has a name a screen reader can say; the question box has its label.
+    let unnamed = browser.execute(
+        "return [...document.querySelectorAll('button, textarea, a[href]')]
+           .filter((e) => !(e.getAttribute('aria-label') || e.textContent.trim() || (e.labels && e.labels.length && e.labels[0].textContent.trim())))
+           .map((e) => e.outerHTML.slice(0, 80));",
+        &[],
+    );
+    assert_eq!(unnamed, serde_json::json!([]), "controls without a name");
+
     // A passage opens the document at that passage; Escape closes it and focus comes back.
     let passage = browser.find_in(&card, ".passage").expect("a passage");
     let n = browser.attribute(&passage, "data-n").unwrap_or_default();
