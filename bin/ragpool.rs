@@ -86,6 +86,9 @@ enum Command {
         /// How many results per question.
         #[arg(long, default_value_t = 10)]
         k: usize,
+        /// Which result lists: `both` (what answers use), `lexical` or `dense`.
+        #[arg(long, default_value = "both")]
+        lists: String,
     },
     /// Internal: the sandboxed document parser. Reads one document on stdin, prints its text as
     /// JSON; started by ragpool itself under resource limits.
@@ -133,7 +136,9 @@ fn main() -> ExitCode {
             &paths,
             reembed,
         ),
-        Command::Search { config, k } => search(ConfigSource::new(config, Overrides::default()), k),
+        Command::Search { config, k, lists } => {
+            search(ConfigSource::new(config, Overrides::default()), k, &lists)
+        }
         Command::Extract { format, max_text } => extract(&format, max_text),
     }
 }
@@ -305,7 +310,17 @@ fn master_pid_from_pidfile(source: &ConfigSource) -> Option<i32> {
 /// workers; prints one line per document and exits 1 if any failed.
 /// `ragpool search` (hidden): the ranking `ask` would use, for the retrieval bench. A failed
 /// question prints `{"question", "error"}` and the rest go on.
-fn search(source: ConfigSource, k: usize) -> ExitCode {
+fn search(source: ConfigSource, k: usize, lists: &str) -> ExitCode {
+    use ragpool::rag::engine::Lists;
+    let lists = match lists {
+        "both" => Lists::Both,
+        "lexical" => Lists::Lexical,
+        "dense" => Lists::Dense,
+        other => {
+            eprintln!("ragpool: error: --lists is both, lexical or dense, not {other:?}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let config = match config::load(&source) {
         Ok(config) => config,
         Err(e) => {
@@ -336,7 +351,7 @@ fn search(source: ConfigSource, k: usize) -> ExitCode {
         for line in std::io::stdin().lines() {
             let Ok(question) = line else { break };
             let mut timings = ragpool::rag::engine::Timings::default();
-            let line = match rag.retrieve(&question, k, &mut timings).await {
+            let line = match rag.retrieve_lists(&question, k, lists, &mut timings).await {
                 Ok(hits) => serde_json::json!({
                     "question": question,
                     "retrieve_ms": timings.retrieve_ms,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::error::ConfigError;
 use super::keys::*;
 use super::sources::Values;
+use crate::rag::text::Language;
 
 /// Which store holds documents and chunks.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +74,8 @@ pub struct EmbedConfig {
     pub timeout: Duration,
     /// Sent to Ollama with each request; `None` = the server's own default.
     pub keep_alive: Option<KeepAlive>,
+    /// Question languages the model is trusted for; empty = every language.
+    pub languages: Vec<Language>,
 }
 
 /// How long Ollama keeps a model loaded after a request (its `keep_alive`), so an idle
@@ -317,6 +320,7 @@ pub(super) fn embed(v: &Values) -> Result<EmbedConfig, ConfigError> {
         dimensions: v.int(&EMBED_DIMENSIONS) as usize,
         timeout: v.seconds(&EMBED_TIMEOUT),
         keep_alive: keep_alive(v, &EMBED_KEEP_ALIVE)?,
+        languages: languages(v, &EMBED_LANGUAGES)?,
     })
 }
 
@@ -393,6 +397,27 @@ fn llm_backends(v: &Values) -> Result<Vec<LlmBackend>, ConfigError> {
         ));
     }
     Ok(backends)
+}
+
+/// `["en", "ru"]` -> languages; anything else is refused, naming what is known.
+fn languages(v: &Values, key: &Key) -> Result<Vec<Language>, ConfigError> {
+    let mut out = Vec::new();
+    for name in v.list(key) {
+        let language = match name.trim().to_lowercase().as_str() {
+            "en" | "english" => Language::English,
+            "ru" | "russian" => Language::Russian,
+            other => {
+                return Err(v.invalid(
+                    key,
+                    format!("{other:?} is not a language ragpool knows (\"en\", \"ru\")"),
+                ))
+            }
+        };
+        if !out.contains(&language) {
+            out.push(language);
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn llm(v: &Values) -> Result<LlmConfig, ConfigError> {

@@ -176,6 +176,8 @@ keys! {
     EMBED_DIMENSIONS: "embed" "dimensions", int(0, 0, 65_536),
         "vector size; 0 = take it from the first response; when set it is also asked of the server, which shortens the vectors if the model can";
     EMBED_TIMEOUT: "embed" "timeout", secs(30.0, 0.1, HOUR), "seconds per embedding request";
+    EMBED_LANGUAGES: "embed" "languages", Kind::List { default: &[] },
+        "question languages the embedding model is trusted for (`\"en\"`, `\"ru\"`): for others hybrid retrieval uses the lexical list alone; empty = every language";
     EMBED_KEEP_ALIVE: "embed" "keep_alive", text(super::app::KEEP_ALIVE),
         "how long Ollama keeps the model loaded after a request: `\"30m\"`, `\"1h\"`, seconds (`\"-1\"` = always); `\"\"` = Ollama's default (5 minutes)";
 

@@ -1,39 +1,10 @@
-//! Pure answer-building: fusing result lists, the prompt, and the extractive fallback.
+//! Pure answer-building: the prompt and the extractive fallback.
 //! No I/O here, so every rule is unit-tested directly.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::text::{words, Language, Stems};
 use super::Hit;
-
-/// Reciprocal rank fusion's damping constant (Cormack et al. use 60).
-const RRF_K: f32 = 60.0;
-
-/// Merges ranked lists by reciprocal rank fusion; a passage found by both rises to the top.
-pub fn fuse(lists: &[Vec<Hit>], k: usize) -> Vec<Hit> {
-    let mut fused: HashMap<(String, usize), Hit> = HashMap::new();
-    for list in lists {
-        for (rank, hit) in list.iter().enumerate() {
-            let add = 1.0 / (RRF_K + rank as f32 + 1.0);
-            fused
-                .entry((hit.document_id.clone(), hit.position))
-                .and_modify(|h| h.score += add)
-                .or_insert_with(|| Hit {
-                    score: add,
-                    ..hit.clone()
-                });
-        }
-    }
-    let mut hits: Vec<Hit> = fused.into_values().collect();
-    hits.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then(a.position.cmp(&b.position))
-    });
-    hits.truncate(k);
-    hits
-}
 
 /// The system prompt: answer from the numbered passages only, cite them, in the question's language.
 pub fn system_prompt(language: Language) -> String {
@@ -239,15 +210,6 @@ mod tests {
             found,
             vec!["Run backup.sh nightly.", "Version 3.5 works!", "Next line"]
         );
-    }
-
-    #[test]
-    fn fusion_prefers_passages_both_lists_found() {
-        let lexical = vec![hit("a", 0, "x"), hit("b", 0, "y"), hit("c", 0, "z")];
-        let dense = vec![hit("c", 0, "z"), hit("d", 0, "w")];
-        let fused = fuse(&[lexical, dense], 3);
-        assert_eq!(fused[0].document_id, "c");
-        assert_eq!(fused.len(), 3);
     }
 
     #[test]

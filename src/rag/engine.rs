@@ -16,8 +16,9 @@ use super::answer::{self, ExtractiveReason};
 use super::conversation::{self, HistoryLimits, Turn};
 use super::ingest::{self, Extractor, IngestError, LoadedDocument};
 use super::llm::{ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, Role};
+use super::rank::{self, Weighted};
 use super::store::{Store, StoreError};
-use super::text::{detect_language, Stems};
+use super::text::{detect_language, Language, Stems};
 use super::{content_hash, document_id, Hit, NewChunk, NewDocument, StoreStats, UpsertOutcome};
 use crate::config::{Config, Provider, MAX_TOP_K};
 
@@ -35,6 +36,10 @@ const EMBED_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 const PENDING_VECTORS: &str = "pending-vectors:";
 /// How long a store count is reused by /health.
 const STORE_STATUS_TTL: Duration = Duration::from_secs(1);
+/// The lexical list's weight in the fusion (chosen on the dev set, `benches/README.md`).
+const LEXICAL_WEIGHT: f32 = 1.0;
+/// The dense list's, for a question in a language the embedding model is declared for.
+const DENSE_WEIGHT: f32 = 1.0;
 /// Longest snippet shown with a source.
 const SNIPPET_CHARS: usize = 280;
 
@@ -243,11 +248,23 @@ pub struct Health {
     pub pending_vectors: Option<u64>,
 }
 
+/// Which result lists a retrieval draws on: answers use both; the retrieval bench compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lists {
+    /// Lexical, plus dense when an embedding model is configured and answers.
+    Both,
+    Lexical,
+    /// Dense only (nothing without an embedding model).
+    Dense,
+}
+
 pub struct Rag {
     store: Store,
     /// Parses uploads and files: HTML and PDF in a sandboxed helper process.
     extractor: Extractor,
     embedder: Option<Embedder>,
+    /// `[embed] languages`: the question languages the dense list is trusted for (empty: all).
+    embed_languages: Vec<Language>,
     /// The LLM servers answers go to (`[[llm.backend]]`), in config order; empty = none.
     generators: Vec<Generator>,
     stems: Stems,
@@ -283,6 +300,7 @@ impl Rag {
             store,
             extractor: Extractor::sandboxed(extract_limits(&config.rag)),
             embedder,
+            embed_languages: config.embed.languages.clone(),
             generators,
             stems: Stems::default(),
             config: config.rag.clone(),
@@ -573,17 +591,41 @@ impl Rag {
         k: usize,
         timings: &mut Timings,
     ) -> Result<Vec<Hit>, RagError> {
+        self.retrieve_lists(question, k, Lists::Both, timings).await
+    }
+
+    /// [`Rag::retrieve`] from the chosen lists only (the retrieval bench compares them).
+    pub async fn retrieve_lists(
+        &self,
+        question: &str,
+        k: usize,
+        use_lists: Lists,
+        timings: &mut Timings,
+    ) -> Result<Vec<Hit>, RagError> {
         let k = k.clamp(1, MAX_TOP_K);
         let started = Instant::now();
-        let lexical = self.store.lexical_search(question, k).await?;
-        let mut lists = vec![lexical];
-        if let Some(embedder) = &self.embedder {
+        let depth = rank::candidates(k);
+        let language = detect_language(question);
+        let mut lists = Vec::new();
+        if use_lists != Lists::Dense {
+            let mut hits = self.store.lexical_search(question, depth).await?;
+            rank::prefer_language(&mut hits, language);
+            lists.push(Weighted {
+                hits,
+                weight: LEXICAL_WEIGHT,
+            });
+        }
+        if let (Some(embedder), true) = (&self.embedder, use_lists != Lists::Lexical) {
             let embed_started = Instant::now();
             match embedder.embed(&[question.to_string()]).await {
                 Ok(mut vectors) if !vectors.is_empty() => {
                     timings.embed_ms = ms(embed_started.elapsed());
                     let vector = vectors.swap_remove(0);
-                    lists.push(self.store.dense_search(&vector, k).await?);
+                    let hits = self.store.dense_search(&vector, depth).await?;
+                    lists.push(Weighted {
+                        hits,
+                        weight: self.dense_weight(language, use_lists),
+                    });
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -591,13 +633,25 @@ impl Rag {
                 }
             }
         }
-        let hits = if lists.len() == 1 {
-            lists.swap_remove(0)
-        } else {
-            answer::fuse(&lists, k)
+        let hits = match lists.len() {
+            0 => Vec::new(),
+            1 => rank::rank_one(&lists[0].hits, k),
+            _ => rank::fuse(&lists, k),
         };
         timings.retrieve_ms = ms(started.elapsed());
         Ok(hits)
+    }
+
+    /// The dense list's weight in the fusion: full for a language the embedding model was
+    /// declared for (`[embed] languages`, empty = every language), none for another.
+    fn dense_weight(&self, language: Language, use_lists: Lists) -> f32 {
+        let trusted = self.embed_languages.is_empty() || self.embed_languages.contains(&language);
+        match (trusted, use_lists) {
+            // Asked for alone (the bench), it is what it is.
+            (_, Lists::Dense) => 1.0,
+            (true, _) => DENSE_WEIGHT,
+            (false, _) => 0.0,
+        }
     }
 
     /// Answers a question, sending events into `events`. Stops early (dropping the upstream

@@ -6,7 +6,8 @@
 //! - [`ingest`]: loading files (Markdown, text, HTML, PDF) and splitting them into chunks.
 //! - [`store`]: `enum Store { Embedded, Qdrant }`, one behaviour, one test suite.
 //! - [`llm`]: embeddings and streaming generation over Ollama's and OpenAI's wire protocols.
-//! - [`answer`]: rank fusion, the prompt, the extractive fallback (pure functions).
+//! - [`rank`]: chunk hits -> distinct documents, weighted fusion, tie-breaks (pure functions).
+//! - [`answer`]: the prompt and the extractive fallback (pure functions).
 //! - [`conversation`]: earlier turns, their bounds, the standalone form of a follow-up.
 //! - [`engine`]: [`engine::Rag`], the pipeline tying them together for one process.
 //!
@@ -18,6 +19,7 @@ pub mod conversation;
 pub mod engine;
 pub mod ingest;
 pub mod llm;
+pub mod rank;
 pub mod store;
 pub mod text;
 

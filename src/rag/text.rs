@@ -79,21 +79,95 @@ impl Stems {
     }
 }
 
-/// The question's language: Russian if most of its letters are Cyrillic.
+/// The question's language, from the script of its words outside code and identifiers:
+/// `inline code`, fenced blocks, and tokens such as `--sort`, `ls(1)`, `foo.conf`, `snake_case`,
+/// `camelCase`, `HUP` or `v2` say nothing about the language the question is written in.
+/// Russian questions often name Latin-script commands and products, so a question with any
+/// Cyrillic word is Russian unless its Latin words are more than twice as many; no Cyrillic
+/// word at all is English.
 pub fn detect_language(text: &str) -> Language {
-    let (mut cyrillic, mut latin) = (0usize, 0usize);
-    for c in text.chars() {
-        if matches!(c, '\u{0400}'..='\u{04FF}') {
-            cyrillic += 1;
-        } else if c.is_ascii_alphabetic() {
-            latin += 1;
-        }
-    }
-    if cyrillic > latin {
+    let (cyrillic, latin) = prose_words(text);
+    if cyrillic > 0 && cyrillic * 2 >= latin {
         Language::Russian
     } else {
         Language::English
     }
+}
+
+/// The language a passage is mostly written in (by its words' script, code included), or
+/// `None` when it has no letters.
+pub fn script_of(text: &str) -> Option<Language> {
+    let (mut cyrillic, mut latin) = (0usize, 0usize);
+    for (_, word) in words(text) {
+        if is_cyrillic(word) {
+            cyrillic += 1;
+        } else if word.chars().any(|c| c.is_ascii_alphabetic()) {
+            latin += 1;
+        }
+    }
+    match (cyrillic, latin) {
+        (0, 0) => None,
+        (c, l) if c >= l => Some(Language::Russian),
+        _ => Some(Language::English),
+    }
+}
+
+/// (Cyrillic, Latin) words of `text` that are prose: outside backticks and not identifiers.
+fn prose_words(text: &str) -> (usize, usize) {
+    let (mut cyrillic, mut latin) = (0usize, 0usize);
+    // Odd pieces between backticks are code (inline spans and fenced blocks alike).
+    for (i, piece) in text.split('`').enumerate() {
+        if i % 2 == 1 {
+            continue;
+        }
+        for token in piece.split_whitespace() {
+            let token = token.trim_matches(|c: char| {
+                matches!(
+                    c,
+                    '.' | ',' | ';' | ':' | '!' | '?' | '"' | '\'' | '«' | '»' | '(' | ')'
+                )
+            });
+            if token.is_empty() || is_identifier(token) {
+                continue;
+            }
+            if is_cyrillic(token) {
+                cyrillic += 1;
+            } else if token.chars().all(|c| c.is_ascii_alphabetic() || c == '-') {
+                latin += 1;
+            }
+        }
+    }
+    (cyrillic, latin)
+}
+
+/// Code-like tokens: options, paths, calls, names with digits or `_`, camelCase, ALLCAPS.
+fn is_identifier(token: &str) -> bool {
+    let inner = |c: char| {
+        matches!(
+            c,
+            '_' | '.'
+                | '/'
+                | '\\'
+                | '='
+                | '('
+                | ')'
+                | '<'
+                | '>'
+                | '$'
+                | '{'
+                | '}'
+                | '['
+                | ']'
+                | '@'
+                | '#'
+                | ':'
+        )
+    };
+    let letters: Vec<char> = token.chars().filter(|c| c.is_alphabetic()).collect();
+    token.starts_with('-')
+        || token.chars().any(|c| inner(c) || c.is_ascii_digit())
+        || (letters.len() >= 2 && letters.iter().all(|c| c.is_uppercase()))
+        || token.chars().skip(1).any(char::is_uppercase) && token.chars().any(char::is_lowercase)
 }
 
 /// Very common words that carry no meaning for retrieval.
@@ -197,5 +271,45 @@ mod tests {
             Language::English
         );
         assert_eq!(detect_language("что такое HUP?"), Language::Russian);
+    }
+
+    #[test]
+    fn language_detection_ignores_code_and_identifiers() {
+        // Latin technical terms in a Russian question.
+        assert_eq!(
+            detect_language("как настроить nginx reverse proxy для ragpool?"),
+            Language::Russian
+        );
+        assert_eq!(
+            detect_language("что делает `ls --sort=time -l /var/log/nginx/access.log`?"),
+            Language::Russian
+        );
+        assert_eq!(
+            detect_language("почему SIGHUP и worker_connections не работают в systemd unit"),
+            Language::Russian
+        );
+        // A Russian word quoted in an English question, and English with code.
+        assert_eq!(
+            detect_language("what does the word «перезагрузка» mean in the manual?"),
+            Language::English
+        );
+        assert_eq!(
+            detect_language("how do I run `перезапуск.sh` nightly?"),
+            Language::English
+        );
+        assert_eq!(detect_language("HUP"), Language::English);
+    }
+
+    #[test]
+    fn a_passage_script_is_its_words_majority() {
+        assert_eq!(
+            script_of("ls - вывести список файлов, см. --sort"),
+            Some(Language::Russian)
+        );
+        assert_eq!(
+            script_of("ls lists files; см. also"),
+            Some(Language::English)
+        );
+        assert_eq!(script_of("12 34 --"), None);
     }
 }

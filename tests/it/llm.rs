@@ -56,6 +56,7 @@ fn embed_config(provider: Provider, url: &str) -> EmbedConfig {
         dimensions: 0,
         timeout: Duration::from_secs(20),
         keep_alive: None,
+        languages: Vec::new(),
     }
 }
 

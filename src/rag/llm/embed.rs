@@ -286,6 +286,7 @@ mod tests {
             dimensions: 3,
             timeout: Duration::from_secs(1),
             keep_alive: None,
+            languages: Vec::new(),
         }
     }
 
