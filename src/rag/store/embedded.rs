@@ -17,8 +17,27 @@
 //!   once, inside the index. `contentless_delete=1` (SQLite >= 3.43) lets a replace delete
 //!   index rows by rowid without re-supplying the old stems, so even a change of stemmer can
 //!   never leave stale terms behind.
-//! - `chunks_vec`: a sqlite-vec `vec0` table (exact KNN), created with the first embedding.
-//!   Its dimension and metric go to `meta`; a later embedding of another size is refused.
+//! - `chunks_vec`: a sqlite-vec `vec0` table holding the full `f32` vectors, created with the
+//!   first embedding. Its dimension and metric go to `meta`; a later embedding of another size
+//!   is refused.
+//! - `chunks_q8(id INTEGER PRIMARY KEY, q)`: the same vectors quantized to int8 (one byte a
+//!   dimension, [`quantized`] owns the format), written in the same transaction as
+//!   `chunks_vec`. `meta` counts the writes that touched vectors (`vectors_generation`) and the
+//!   ones that deleted any (`vectors_epoch`), so a process can tell whether its in-memory copy
+//!   is current. Schema version 2 added it: opening a version 1 file builds it from
+//!   `chunks_vec` in one transaction (documents, chunks and full vectors are left as they are).
+//!
+//! # Dense search
+//!
+//! Exact brute force over `chunks_vec` costs 40-110 ms at 100k x 384 on one core and grows
+//! linearly. Instead each process keeps `chunks_q8` in memory ([`QuantizedIndex`], ~390 bytes
+//! a chunk at 384 dimensions), brought up to date at the start of a search from the search's
+//! own snapshot (appending rows when nothing was deleted, reloading otherwise), scans it for
+//! a shortlist of [`RESCORE_FACTOR`] x `k` and re-scores the shortlist exactly with the full
+//! vectors from `chunks_vec`. Scores are the exact ones; the shortlist only bounds recall
+//! (recall@10 against exact search in `benches/README.md`). A search whose snapshot is older
+//! than the copy another thread just loaded runs exactly instead (sqlite-vec's KNN). The copy
+//! is per process (a worker's own, built after fork): 4 workers at 100k x 384 hold ~39 MB each.
 //!
 //! # Many processes, one file
 //!
@@ -54,7 +73,7 @@
 use std::ffi::{c_char, c_int};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use rusqlite::{
@@ -62,6 +81,7 @@ use rusqlite::{
 };
 
 use super::pool::{Pool, PoolError};
+use super::quantized::{self, QuantizedIndex};
 use super::{now_unix, validate_document, StoreError};
 use crate::config::{Distance, StoreConfig};
 use crate::rag::text::Stems;
@@ -79,8 +99,14 @@ pub const MARKER_NAME: &str = "ragpool.initialised";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `-wal` file is truncated to this size after a checkpoint that emptied it.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-/// `PRAGMA user_version` of the schema below.
-const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA user_version` of the schema below (2: `chunks_q8` and the vector counters).
+const SCHEMA_VERSION: i64 = 2;
+/// The schema before `chunks_q8`: opened by migrating it.
+const SCHEMA_VERSION_EXACT_ONLY: i64 = 1;
+/// Dense search re-scores exactly this many times `k` quantized candidates.
+pub const RESCORE_FACTOR: usize = 10;
+/// The shortlist is never shorter than this, so a small `k` still gets a generous margin.
+const MIN_SHORTLIST: usize = 100;
 /// sqlite-vec's largest `k` (`SQLITE_VEC_VEC0_K_MAX`).
 const VEC_K_MAX: usize = 4096;
 /// Switching a fresh file to WAL needs an exclusive lock and does not go through the busy
@@ -91,6 +117,10 @@ const WAL_SWITCH_BACKOFF: Duration = Duration::from_millis(20);
 const META_DIMENSIONS: &str = "embedding_dimensions";
 const META_METRIC: &str = "embedding_metric";
 const META_FIRST_RUN: &str = "first_run_done";
+/// Bumped by every write that inserts or deletes vectors.
+const META_GENERATION: &str = "vectors_generation";
+/// Bumped by every write that deletes vectors: an in-memory copy of another epoch reloads.
+const META_EPOCH: &str = "vectors_epoch";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -118,6 +148,10 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (
     contentless_delete = 1,
     tokenize = 'unicode61 remove_diacritics 0'
 );
+CREATE TABLE IF NOT EXISTS chunks_q8 (
+    id INTEGER PRIMARY KEY,
+    q  BLOB NOT NULL
+);
 ";
 
 /// BM25 over the stems; `bm25()` is lower-is-better, the caller negates it.
@@ -142,10 +176,20 @@ JOIN chunks c ON c.id = knn.rowid
 JOIN documents d ON d.id = c.document_id
 ORDER BY knn.distance";
 
+/// The full vectors of a shortlist, for exact re-scoring.
+const VECTOR_SQL: &str = "SELECT embedding FROM chunks_vec WHERE rowid = ?1";
+
+/// What a hit shows, for one chunk id.
+const HIT_SQL: &str = "
+SELECT c.document_id, d.title, d.source, c.position, c.text
+FROM chunks c
+JOIN documents d ON d.id = c.document_id
+WHERE c.id = ?1";
+
 /// How `chunks_vec` measures distance. vec0 has no dot product: `distance = "dot"` is served
 /// as cosine, which ranks the same for the unit-length vectors embedding models return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Metric {
+pub enum Metric {
     Cosine,
     L2,
 }
@@ -180,6 +224,32 @@ impl Metric {
             Metric::L2 => -distance as f32,
         }
     }
+
+    /// vec0's distance between two vectors, computed here for re-scoring a shortlist.
+    fn distance(self, a: &[f32], b: &[f32]) -> f64 {
+        match self {
+            Metric::Cosine => {
+                let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+                for (&x, &y) in a.iter().zip(b) {
+                    let (x, y) = (f64::from(x), f64::from(y));
+                    dot += x * y;
+                    na += x * x;
+                    nb += y * y;
+                }
+                if na == 0.0 || nb == 0.0 {
+                    1.0
+                } else {
+                    1.0 - dot / (na.sqrt() * nb.sqrt())
+                }
+            }
+            Metric::L2 => a
+                .iter()
+                .zip(b)
+                .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+                .sum::<f64>()
+                .sqrt(),
+        }
+    }
 }
 
 /// What `meta` says about `chunks_vec`; absent until the first embedding.
@@ -207,6 +277,9 @@ struct Shared {
     /// (device, inode) of the file when this process opened it: a probe that finds another
     /// file (or none) at the path says the store was deleted or replaced under the workers.
     identity: (u64, u64),
+    /// This process's in-memory copy of `chunks_q8`, loaded by the first dense search. Scans
+    /// share it (read lock); bringing it up to date takes the write lock.
+    index: RwLock<Option<QuantizedIndex>>,
 }
 
 impl EmbeddedStore {
@@ -261,6 +334,7 @@ impl EmbeddedStore {
             stems: Stems::default(),
             metric,
             identity,
+            index: RwLock::new(None),
         });
         let store = EmbeddedStore {
             shared,
@@ -440,29 +514,50 @@ impl EmbeddedStore {
         .await
     }
 
+    /// The `k` nearest chunks: a scan of the quantized copy for a shortlist, re-scored
+    /// exactly (see "Dense search" in the module doc). Same results as
+    /// [`EmbeddedStore::dense_search_exact`] up to the shortlist's recall.
     pub async fn dense_search(&self, vector: &[f32], k: usize) -> Result<Vec<Hit>, StoreError> {
-        let blob = f32_blob(vector);
-        let dimensions = vector.len();
-        let k = k.min(VEC_K_MAX) as i64;
+        let query = vector.to_vec();
+        let k = k.min(VEC_K_MAX);
+        self.run(move |shared, conn| {
+            let error = shared.sql_error("search the vector index");
+            // One read transaction: the counters, the rows loaded into the copy, the full
+            // vectors and the texts all come from the same snapshot.
+            let tx = conn.transaction().map_err(error)?;
+            let Some(meta) = read_vec_meta(&tx).map_err(error)? else {
+                return Ok(Vec::new());
+            };
+            check_dimensions(meta, query.len())?;
+            let shortlist_len = (k * RESCORE_FACTOR).max(MIN_SHORTLIST);
+            let shortlist = shared
+                .with_current_index(&tx, meta, |index| index.shortlist(&query, shortlist_len))?;
+            let hits = match shortlist {
+                Some(ids) => rescore(&tx, meta, &query, &ids, k).map_err(error)?,
+                None => exact_search(&tx, meta, &query, k).map_err(error)?,
+            };
+            tx.commit().map_err(error)?;
+            Ok(hits)
+        })
+        .await
+    }
+
+    /// Exact brute-force KNN over every full vector (sqlite-vec): the reference that the
+    /// quantized path is measured against (`benches/retrieval_speed.rs`).
+    pub async fn dense_search_exact(
+        &self,
+        vector: &[f32],
+        k: usize,
+    ) -> Result<Vec<Hit>, StoreError> {
+        let query = vector.to_vec();
+        let k = k.min(VEC_K_MAX);
         self.run(move |shared, conn| {
             let error = shared.sql_error("search the vector index");
             let Some(meta) = read_vec_meta(conn).map_err(error)? else {
                 return Ok(Vec::new());
             };
-            if dimensions != meta.dimensions {
-                return Err(StoreError::DimensionMismatch {
-                    expected: meta.dimensions,
-                    got: dimensions,
-                });
-            }
-            let mut stmt = conn.prepare_cached(DENSE_SQL).map_err(error)?;
-            let hits = stmt
-                .query_map(params![blob, k], |row| {
-                    hit_from_row(row, |distance| meta.metric.score(distance))
-                })
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(error)?;
-            Ok(hits)
+            check_dimensions(meta, query.len())?;
+            exact_search(conn, meta, &query, k).map_err(error)
         })
         .await
     }
@@ -593,8 +688,9 @@ impl Shared {
             }
             (meta, _) => meta,
         };
+        let mut vectors_deleted = 0;
         if stored_hash.is_some() {
-            delete_chunks(&tx, &id, vec_meta.is_some()).map_err(error)?;
+            vectors_deleted = delete_chunks(&tx, &id, vec_meta.is_some()).map_err(error)?;
         }
         tx.execute(
             "INSERT INTO documents (id, source, title, content_hash, chunks, updated_at)
@@ -613,7 +709,10 @@ impl Shared {
             ],
         )
         .map_err(error)?;
-        insert_chunks(&tx, &id, &doc, &stems, vec_meta.is_some()).map_err(error)?;
+        insert_chunks(&tx, &id, &doc, &stems, vec_meta).map_err(error)?;
+        if vec_meta.is_some() {
+            bump_vector_counters(&tx, vectors_deleted > 0).map_err(error)?;
+        }
         tx.commit().map_err(error)?;
         checkpoint(conn, &self.path);
 
@@ -642,12 +741,80 @@ impl Shared {
             return Ok(false);
         }
         let has_vectors = read_vec_meta(&tx).map_err(error)?.is_some();
-        delete_chunks(&tx, id, has_vectors).map_err(error)?;
+        if delete_chunks(&tx, id, has_vectors).map_err(error)? > 0 {
+            bump_vector_counters(&tx, true).map_err(error)?;
+        }
         tx.execute("DELETE FROM documents WHERE id = ?1", [id])
             .map_err(error)?;
         tx.commit().map_err(error)?;
         checkpoint(conn, &self.path);
         Ok(true)
+    }
+
+    /// Runs `scan` on this process's quantized copy once it reflects the snapshot of `conn`'s
+    /// open transaction: appends the rows written since (no delete since), or reloads it (a
+    /// delete, another shape, or no copy yet). `None` when the copy is already newer than this
+    /// snapshot (another thread loaded a later write) or a stored row is unreadable: the
+    /// caller searches exactly instead.
+    fn with_current_index<T>(
+        &self,
+        conn: &Connection,
+        meta: VecMeta,
+        scan: impl FnOnce(&QuantizedIndex) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let error = self.sql_error("load the quantized vectors");
+        let (generation, epoch) = read_vec_counters(conn).map_err(error)?;
+        let current = |index: &QuantizedIndex| {
+            index.generation == generation
+                && index.epoch == epoch
+                && index.dimensions() == meta.dimensions
+                && index.metric() == meta.metric
+        };
+        {
+            let guard = self.index.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(index) = guard.as_ref().filter(|index| current(index)) {
+                return Ok(Some(scan(index)));
+            }
+        }
+        let mut guard = self.index.write().unwrap_or_else(PoisonError::into_inner);
+        let appendable = |index: &QuantizedIndex| {
+            index.epoch == epoch
+                && index.generation < generation
+                && index.dimensions() == meta.dimensions
+                && index.metric() == meta.metric
+        };
+        let loaded = match guard.as_mut() {
+            Some(index) if current(index) => Ok(()),
+            Some(index) if index.generation > generation => return Ok(None),
+            Some(index) if appendable(index) => {
+                let loaded = load_quantized(conn, index).map_err(error)?;
+                index.generation = generation;
+                loaded
+            }
+            _ => {
+                // Free the old copy before loading the new one: never two in memory.
+                *guard = None;
+                let mut index =
+                    QuantizedIndex::new(meta.dimensions, meta.metric, generation, epoch);
+                let loaded = load_quantized(conn, &mut index).map_err(error)?;
+                log::debug!(
+                    "embedded store: {} quantized vectors in memory ({} KiB)",
+                    index.len(),
+                    index.bytes() / 1024
+                );
+                *guard = Some(index);
+                loaded
+            }
+        };
+        if let Err(bad) = loaded {
+            log::warn!(
+                "embedded store {}: {bad}; searching exactly until it is rewritten",
+                self.path.display()
+            );
+            *guard = None;
+            return Ok(None);
+        }
+        Ok(guard.as_ref().map(scan))
     }
 
     /// The metric of an existing `chunks_vec` wins over the config; say so when they differ.
@@ -810,7 +977,7 @@ fn create_schema(
     if version == SCHEMA_VERSION {
         return Ok(());
     }
-    if let Some(marker) = marker {
+    if let (Some(marker), true) = (marker, version < SCHEMA_VERSION_EXACT_ONLY) {
         return Err(StoreError::Lost {
             path: path.to_path_buf(),
             marker: marker.to_path_buf(),
@@ -821,11 +988,16 @@ fn create_schema(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(error)?;
     // Another process may have won the race while this one waited for the lock.
-    if read_version(&tx).map_err(error)? < SCHEMA_VERSION {
-        tx.execute_batch(SCHEMA).map_err(error)?;
+    let version = read_version(&tx).map_err(error)?;
+    if version < SCHEMA_VERSION {
+        if version == SCHEMA_VERSION_EXACT_ONLY {
+            migrate_to_quantized(&tx, path).map_err(error)?;
+        } else {
+            tx.execute_batch(SCHEMA).map_err(error)?;
+            log::info!("embedded store: created {}", path.display());
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
             .map_err(error)?;
-        log::info!("embedded store: created {}", path.display());
     }
     tx.commit().map_err(error)
 }
@@ -883,26 +1055,31 @@ fn create_vec_table(
     Ok(VecMeta { dimensions, metric })
 }
 
-/// Removes a document's chunks from `chunks` and both indexes (rowid by rowid, which both
-/// virtual tables resolve as point lookups).
-fn delete_chunks(conn: &Connection, id: &str, has_vectors: bool) -> rusqlite::Result<()> {
+/// Removes a document's chunks from `chunks` and every index (rowid by rowid, which the
+/// virtual tables resolve as point lookups); returns how many vectors went with them.
+fn delete_chunks(conn: &Connection, id: &str, has_vectors: bool) -> rusqlite::Result<usize> {
     let rowids: Vec<i64> = conn
         .prepare_cached("SELECT id FROM chunks WHERE document_id = ?1")?
         .query_map([id], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
     let mut delete_fts = conn.prepare_cached("DELETE FROM chunks_fts WHERE rowid = ?1")?;
     let mut delete_vec = match has_vectors {
-        true => Some(conn.prepare_cached("DELETE FROM chunks_vec WHERE rowid = ?1")?),
+        true => Some((
+            conn.prepare_cached("DELETE FROM chunks_vec WHERE rowid = ?1")?,
+            conn.prepare_cached("DELETE FROM chunks_q8 WHERE id = ?1")?,
+        )),
         false => None,
     };
+    let mut vectors = 0;
     for rowid in &rowids {
         delete_fts.execute([rowid])?;
-        if let Some(stmt) = delete_vec.as_mut() {
-            stmt.execute([rowid])?;
+        if let Some((full, quantized)) = delete_vec.as_mut() {
+            full.execute([rowid])?;
+            vectors += quantized.execute([rowid])?;
         }
     }
     conn.execute("DELETE FROM chunks WHERE document_id = ?1", [id])?;
-    Ok(())
+    Ok(vectors)
 }
 
 fn insert_chunks(
@@ -910,25 +1087,178 @@ fn insert_chunks(
     id: &str,
     doc: &NewDocument,
     stems: &[String],
-    has_vectors: bool,
+    vec_meta: Option<VecMeta>,
 ) -> rusqlite::Result<()> {
     let mut insert_chunk = conn
         .prepare_cached("INSERT INTO chunks (document_id, position, text) VALUES (?1, ?2, ?3)")?;
     let mut insert_fts =
         conn.prepare_cached("INSERT INTO chunks_fts (rowid, stems) VALUES (?1, ?2)")?;
-    let mut insert_vec = match has_vectors {
-        true => {
-            Some(conn.prepare_cached("INSERT INTO chunks_vec (rowid, embedding) VALUES (?1, ?2)")?)
-        }
-        false => None,
+    let mut insert_vec = match vec_meta {
+        Some(meta) => Some((
+            conn.prepare_cached("INSERT INTO chunks_vec (rowid, embedding) VALUES (?1, ?2)")?,
+            conn.prepare_cached("INSERT INTO chunks_q8 (id, q) VALUES (?1, ?2)")?,
+            meta.metric,
+        )),
+        None => None,
     };
     for (chunk, stems) in doc.chunks.iter().zip(stems) {
         let rowid = insert_chunk.insert(params![id, chunk.position as i64, chunk.text])?;
         insert_fts.execute(params![rowid, stems])?;
-        if let (Some(stmt), Some(embedding)) = (insert_vec.as_mut(), &chunk.embedding) {
-            stmt.execute(params![rowid, f32_blob(embedding)])?;
+        if let (Some((full, quantized, metric)), Some(embedding)) =
+            (insert_vec.as_mut(), &chunk.embedding)
+        {
+            full.execute(params![rowid, f32_blob(embedding)])?;
+            quantized.execute(params![rowid, quantized::encode(embedding, *metric)])?;
         }
     }
+    Ok(())
+}
+
+/// Records, inside the caller's write transaction, that vectors changed (`deleted`: some
+/// were removed), so every process's quantized copy sees it is behind.
+fn bump_vector_counters(conn: &Connection, deleted: bool) -> rusqlite::Result<()> {
+    let mut bump = conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1",
+    )?;
+    bump.execute([META_GENERATION])?;
+    if deleted {
+        bump.execute([META_EPOCH])?;
+    }
+    Ok(())
+}
+
+/// `(vectors_generation, vectors_epoch)`, 0 while absent.
+fn read_vec_counters(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    let mut stmt = conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?;
+    let mut read = |key: &str| -> rusqlite::Result<i64> {
+        Ok(stmt
+            .query_row([key], |row| row.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0))
+    };
+    Ok((read(META_GENERATION)?, read(META_EPOCH)?))
+}
+
+/// Appends to `index` the `chunks_q8` rows newer than its `max_id` (all of them for an empty
+/// index). The inner error is a row that does not fit the index.
+fn load_quantized(
+    conn: &Connection,
+    index: &mut QuantizedIndex,
+) -> rusqlite::Result<Result<(), quantized::BadBlob>> {
+    let mut stmt = conn.prepare_cached("SELECT id, q FROM chunks_q8 WHERE id > ?1 ORDER BY id")?;
+    let mut rows = stmt.query([index.max_id])?;
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        let blob = row.get_ref(1)?.as_blob()?;
+        if let Err(bad) = index.push(id, blob) {
+            return Ok(Err(bad));
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn check_dimensions(meta: VecMeta, got: usize) -> Result<(), StoreError> {
+    if got == meta.dimensions {
+        Ok(())
+    } else {
+        Err(StoreError::DimensionMismatch {
+            expected: meta.dimensions,
+            got,
+        })
+    }
+}
+
+/// The `k` best of `ids` by the exact distance between `query` and their full vectors, as
+/// hits, best first (ties by chunk id). Ids no longer in this snapshot are skipped.
+fn rescore(
+    conn: &Connection,
+    meta: VecMeta,
+    query: &[f32],
+    ids: &[i64],
+    k: usize,
+) -> rusqlite::Result<Vec<Hit>> {
+    let mut vector = conn.prepare_cached(VECTOR_SQL)?;
+    let mut scored = Vec::with_capacity(ids.len());
+    for &id in ids {
+        let Some(distance) = vector
+            .query_row([id], |row| {
+                let blob = row.get_ref(0)?.as_blob()?;
+                Ok(meta.metric.distance(query, &f32s(blob)))
+            })
+            .optional()?
+        else {
+            continue;
+        };
+        scored.push((distance, id));
+    }
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    scored.truncate(k);
+    let mut hit = conn.prepare_cached(HIT_SQL)?;
+    let mut hits = Vec::with_capacity(scored.len());
+    for (distance, id) in scored {
+        let found = hit
+            .query_row([id], |row| {
+                Ok(Hit {
+                    document_id: row.get(0)?,
+                    title: row.get(1)?,
+                    source: row.get(2)?,
+                    position: row.get::<_, i64>(3)?.max(0) as usize,
+                    text: row.get(4)?,
+                    score: meta.metric.score(distance),
+                })
+            })
+            .optional()?;
+        hits.extend(found);
+    }
+    Ok(hits)
+}
+
+/// Exact KNN over `chunks_vec` (sqlite-vec's brute force).
+fn exact_search(
+    conn: &Connection,
+    meta: VecMeta,
+    query: &[f32],
+    k: usize,
+) -> rusqlite::Result<Vec<Hit>> {
+    let mut stmt = conn.prepare_cached(DENSE_SQL)?;
+    let hits = stmt
+        .query_map(params![f32_blob(query), k as i64], |row| {
+            hit_from_row(row, |distance| meta.metric.score(distance))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(hits)
+}
+
+/// A vec0 blob (little-endian `f32`s) as numbers.
+fn f32s(blob: &[u8]) -> Vec<f32> {
+    blob.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Version 1 -> 2, inside the caller's write transaction: `chunks_q8` filled from the full
+/// vectors. Nothing else is touched, so documents and their vectors stay as they were.
+fn migrate_to_quantized(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    let Some(meta) = read_vec_meta(conn)? else {
+        return Ok(());
+    };
+    let mut vectors = conn.prepare("SELECT rowid, embedding FROM chunks_vec")?;
+    let mut insert = conn.prepare("INSERT OR REPLACE INTO chunks_q8 (id, q) VALUES (?1, ?2)")?;
+    let mut rows = vectors.query([])?;
+    let mut count = 0u64;
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        let vector = f32s(row.get_ref(1)?.as_blob()?);
+        insert.execute(params![id, quantized::encode(&vector, meta.metric)])?;
+        count += 1;
+    }
+    bump_vector_counters(conn, true)?;
+    log::info!(
+        "embedded store {}: quantized {count} stored vectors for fast dense search (schema 1 -> 2)",
+        path.display()
+    );
     Ok(())
 }
 

@@ -10,7 +10,8 @@
 //!   interrupted ingest leaves no partial document behind.
 //! - Lexical search ranks chunks by BM25 over stems ([`Stems::stem_text`] at index time,
 //!   [`Stems::query_stems`] at query time), so a word form finds its other forms.
-//! - Dense search is an exact-or-HNSW nearest-neighbour search; the first embedding fixes the
+//! - Dense search is a nearest-neighbour search (embedded: an int8 scan re-scored exactly;
+//!   Qdrant: HNSW) whose scores are exact; the first embedding fixes the
 //!   dimension and a later one of another size is refused ([`StoreError::DimensionMismatch`]).
 //! - Scores are higher-is-better and comparable only within one result list.
 //!
@@ -29,6 +30,7 @@
 pub mod embedded;
 pub mod pool;
 pub mod qdrant;
+pub mod quantized;
 #[cfg(test)]
 mod suite;
 

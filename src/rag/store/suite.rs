@@ -828,6 +828,178 @@ async fn embedded_store_is_not_recreated_where_one_existed() {
     assert_eq!(fresh.stats().await.unwrap().documents, 0);
 }
 
+/// Deterministic pseudo-random vectors for the quantized-path checks (xorshift).
+fn pseudo_vectors(seed: u64, count: usize, dims: usize) -> Vec<Vec<f32>> {
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    (0..count)
+        .map(|_| (0..dims).map(|_| next()).collect())
+        .collect()
+}
+
+fn embedded_of(store: &Store) -> &super::embedded::EmbeddedStore {
+    match store {
+        Store::Embedded(s) => s,
+        Store::Qdrant(_) => unreachable!("an embedded config"),
+    }
+}
+
+/// With more vectors than the shortlist, the quantized search agrees with exact search: the
+/// same chunks (recall), in the same order, with the exact scores.
+#[tokio::test]
+async fn embedded_quantized_search_matches_exact_search() {
+    let _sqlite = SQLITE_IN_USE.read().await;
+    const DIMS: usize = 24;
+    let backend = Backend::embedded().await;
+    let store = &backend.store;
+    let vectors = pseudo_vectors(7, 1200, DIMS);
+    for (d, group) in vectors.chunks(100).enumerate() {
+        let texts: Vec<String> = (0..group.len()).map(|i| format!("d{d} c{i}")).collect();
+        let chunks: Vec<(&str, &[f32])> = texts
+            .iter()
+            .zip(group)
+            .map(|(t, v)| (t.as_str(), v.as_slice()))
+            .collect();
+        store
+            .upsert_document(embedded_doc(&format!("q{d}.md"), &chunks))
+            .await
+            .unwrap();
+    }
+    let (mut found, mut wanted) = (0, 0);
+    for query in pseudo_vectors(99, 30, DIMS) {
+        let exact = embedded_of(store)
+            .dense_search_exact(&query, 5)
+            .await
+            .unwrap();
+        let quick = store.dense_search(&query, 5).await.unwrap();
+        assert_eq!(exact.len(), 5);
+        assert_eq!(quick.len(), 5);
+        assert!(
+            quick.windows(2).all(|w| w[0].score >= w[1].score),
+            "{quick:?}"
+        );
+        for hit in &exact {
+            wanted += 1;
+            if let Some(same) = quick.iter().find(|h| h.text == hit.text) {
+                found += 1;
+                assert!((same.score - hit.score).abs() < 1e-4, "{same:?} vs {hit:?}");
+            }
+        }
+    }
+    assert!(
+        found as f64 >= 0.95 * wanted as f64,
+        "recall {found}/{wanted}"
+    );
+}
+
+/// Each process keeps its own quantized copy: one store sees what another (its own pool, its
+/// own copy, as in another worker) appends, replaces and deletes, at its next search.
+#[tokio::test]
+async fn embedded_dense_search_sees_other_processes_writes() {
+    let _sqlite = SQLITE_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = embedded_config(dir.path());
+    let reader = Store::open(&config).await.unwrap();
+    let writer = Store::open(&config).await.unwrap();
+    let texts =
+        |hits: Vec<crate::rag::Hit>| -> Vec<String> { hits.into_iter().map(|h| h.text).collect() };
+    writer
+        .upsert_document(embedded_doc("a.md", &[("x", &[1.0, 0.0, 0.0])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(reader.dense_search(&[0.0, 1.0, 0.0], 1).await.unwrap()),
+        ["x"]
+    );
+    // An append: the copy grows.
+    writer
+        .upsert_document(embedded_doc("b.md", &[("y", &[0.0, 1.0, 0.0])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(reader.dense_search(&[0.0, 1.0, 0.0], 1).await.unwrap()),
+        ["y"]
+    );
+    // A replace (a delete and an insert): the copy is reloaded.
+    writer
+        .upsert_document(embedded_doc("b.md", &[("z", &[0.0, 0.0, 1.0])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(reader.dense_search(&[0.0, 0.0, 1.0], 2).await.unwrap()),
+        ["z", "x"]
+    );
+    // A delete.
+    assert!(writer.delete_document(&document_id("b.md")).await.unwrap());
+    assert_eq!(
+        texts(reader.dense_search(&[0.0, 0.0, 1.0], 2).await.unwrap()),
+        ["x"]
+    );
+}
+
+/// A store written by the previous schema (full vectors only) is migrated on open: its
+/// quantized table is built from the full vectors and nothing else changes.
+#[tokio::test]
+async fn embedded_store_of_schema_1_is_migrated_without_losing_anything() {
+    let _sqlite = SQLITE_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = embedded_config(dir.path());
+    let vectors = pseudo_vectors(3, 300, 8);
+    {
+        let store = Store::open(&config).await.unwrap();
+        store
+            .upsert_document(doc("plain.md", "Plain", &["no vectors here"]))
+            .await
+            .unwrap();
+        let texts: Vec<String> = (0..vectors.len()).map(|i| format!("v{i}")).collect();
+        let chunks: Vec<(&str, &[f32])> = texts
+            .iter()
+            .zip(&vectors)
+            .map(|(t, v)| (t.as_str(), v.as_slice()))
+            .collect();
+        store
+            .upsert_document(embedded_doc("vectors.md", &chunks))
+            .await
+            .unwrap();
+    }
+    // Back to schema 1 exactly: no quantized table, no counters.
+    let file = dir.path().join(super::embedded::FILE_NAME);
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute_batch(
+            "DROP TABLE chunks_q8;
+             DELETE FROM meta WHERE key IN ('vectors_generation', 'vectors_epoch');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+
+    let store = Store::open(&config).await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.documents, stats.chunks), (2, 301));
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let (version, quantized): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM chunks_q8)",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, quantized), (2, 300));
+    for (i, query) in vectors.iter().enumerate().step_by(37) {
+        let hits = store.dense_search(query, 1).await.unwrap();
+        assert_eq!(hits[0].text, format!("v{i}"), "{hits:?}");
+    }
+    assert_eq!(
+        store.lexical_search("vectors", 5).await.unwrap()[0].text,
+        "no vectors here"
+    );
+}
+
 /// `/health`'s probe sees the file deleted, replaced or corrupted under an open store, which
 /// keeps answering from its open connections and cached pages.
 #[tokio::test]
