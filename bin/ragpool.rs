@@ -77,6 +77,11 @@ enum Command {
         #[arg(long)]
         reembed: bool,
     },
+    /// Readers' votes on answers (the page's thumbs up/down, `POST /api/feedback`).
+    Feedback {
+        #[command(subcommand)]
+        action: FeedbackAction,
+    },
     /// Internal (benches/retrieval.sh): reads one question a line on stdin and prints, per
     /// question, one JSON line with the ranked hits `retrieve` returns (source, position, score).
     #[command(hide = true)]
@@ -98,6 +103,16 @@ enum Command {
         format: String,
         #[arg(long)]
         max_text: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum FeedbackAction {
+    /// Print every vote as one JSON line, oldest first: id, created_at (unix seconds), vote,
+    /// question, answer, mode, source_ids. E.g. `... | jq 'select(.vote == "down") | .question'`.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -136,6 +151,9 @@ fn main() -> ExitCode {
             &paths,
             reembed,
         ),
+        Command::Feedback {
+            action: FeedbackAction::Export { config },
+        } => export_feedback(ConfigSource::new(config, Overrides::default())),
         Command::Search { config, k, lists } => {
             search(ConfigSource::new(config, Overrides::default()), k, &lists)
         }
@@ -367,6 +385,51 @@ fn search(source: ConfigSource, k: usize, lists: &str) -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+/// `ragpool feedback export`: the store's votes as JSON lines on stdout.
+fn export_feedback(source: ConfigSource) -> ExitCode {
+    use std::io::Write as _;
+    let config = match config::load(&source) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ragpool: error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ragpool: error: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let votes = runtime.block_on(async {
+        let store = ragpool::rag::store::Store::open(&config.store).await?;
+        store.list_feedback().await
+    });
+    let votes = match votes {
+        Ok(votes) => votes,
+        Err(e) => {
+            eprintln!("ragpool: error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for vote in &votes {
+        let line = serde_json::to_string(vote).unwrap_or_default();
+        // A closed pipe (`| head`) ends the export quietly.
+        if writeln!(out, "{line}").is_err() {
+            return ExitCode::SUCCESS;
+        }
+    }
+    let _ = out.flush();
+    eprintln!("ragpool: {} votes", votes.len());
+    ExitCode::SUCCESS
 }
 
 fn ingest(source: ConfigSource, paths: &[PathBuf], reembed: bool) -> ExitCode {

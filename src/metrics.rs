@@ -10,12 +10,14 @@ use std::time::Duration;
 
 /// Routes, as labels. A fixed set keeps the label space (and the shared memory) bounded;
 /// which request gets which label is the route table's ([`crate::http::routes`]).
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 11] = [
     "page",
     "health",
     "ask",
     "ask_stream",
     "documents",
+    "feedback",
+    "openai",
     "metrics",
     "status",
     "not_found",
@@ -38,6 +40,8 @@ const BUCKET_CELLS: usize = BUCKETS.len() + 1;
 pub const STAGES: [&str; 4] = ["embed", "retrieve", "generate", "first_token"];
 /// Upstreams whose errors are counted.
 pub const BACKENDS: [&str; 4] = ["ollama", "openai", "embedded", "qdrant"];
+/// Readers' votes on answers (`POST /api/feedback`).
+pub const VOTES: [&str; 2] = ["up", "down"];
 /// Why a worker was replaced.
 pub const CAUSES: [&str; 6] = [
     "crash",
@@ -102,6 +106,8 @@ pub struct MetricCells {
     upstream_errors: [AtomicU64; BACKENDS.len()],
     /// Generated answers cut off at the token budget.
     truncated: AtomicU64,
+    /// Votes stored, by [`VOTES`].
+    feedback: [AtomicU64; VOTES.len()],
 }
 
 impl MetricCells {
@@ -124,6 +130,12 @@ impl MetricCells {
         self.truncated.fetch_add(n, Ordering::Relaxed);
     }
 
+    pub fn add_feedback(&self, vote: &str) {
+        if let Some(i) = VOTES.iter().position(|v| *v == vote) {
+            self.feedback[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn upstream_error(&self, backend: &str) {
         if let Some(i) = BACKENDS.iter().position(|b| *b == backend) {
             self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
@@ -140,6 +152,7 @@ impl MetricCells {
             .chain(std::iter::once(&self.tokens))
             .chain(self.upstream_errors.iter())
             .chain(std::iter::once(&self.truncated))
+            .chain(self.feedback.iter())
     }
 
     /// Master: adds these counters into `total` (a dead worker's into the pool's).
@@ -217,6 +230,12 @@ impl Snapshot {
         let start =
             REQUEST_CELLS + (ROUTES.len() + STAGES.len()) * HISTOGRAM_CELLS + 1 + BACKENDS.len();
         self.values.get(start).copied().unwrap_or(0)
+    }
+
+    pub fn feedback(&self, vote: usize) -> u64 {
+        let start =
+            REQUEST_CELLS + (ROUTES.len() + STAGES.len()) * HISTOGRAM_CELLS + 2 + BACKENDS.len();
+        self.values.get(start + vote).copied().unwrap_or(0)
     }
 }
 

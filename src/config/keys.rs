@@ -148,6 +148,8 @@ keys! {
     FORWARDED_ALLOW_IPS: "" "forwarded_allow_ips", Kind::List { default: &["127.0.0.1", "::1"] },
         "peers whose `X-Forwarded-For`/`-Proto` are believed; `\"*\"` = all";
     ADMIN_TOKEN: "" "admin_token", SECRET, "bearer token for uploads/deletions and for `/metrics`, `/status` from elsewhere; `\"\"` disables uploads";
+    OPENAI_API_KEY: "" "openai_api_key", SECRET,
+        "bearer key clients of the OpenAI-compatible `/v1/chat/completions` and `/v1/models` must send; `\"\"`: open, like `/api/ask`";
     METRICS: "" "metrics", Kind::Bool { default: true }, "record request and RAG metrics in shared memory";
 
     STORE_BACKEND: "store" "backend", Kind::Choice { default: "embedded", choices: &["embedded", "qdrant"] },

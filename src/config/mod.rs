@@ -107,6 +107,8 @@ pub struct Config {
     pub unix_socket_mode: u32,
     /// Bearer token for write endpoints (and later metrics); `None` disables them.
     pub admin_token: Option<String>,
+    /// Bearer key of the OpenAI-compatible `/v1` endpoints; `None`: open like `/api/ask`.
+    pub openai_api_key: Option<String>,
     /// Record per-request and RAG metrics into the shared scoreboard (`/metrics`).
     pub metrics: bool,
     /// Workers switch to this user (and group) right after fork.
@@ -305,6 +307,7 @@ fn validate(v: Values, path: Option<PathBuf>) -> Result<Config, ConfigError> {
         reuse_port: v.flag(&REUSE_PORT),
         unix_socket_mode,
         admin_token: v.optional(&ADMIN_TOKEN),
+        openai_api_key: v.optional(&OPENAI_API_KEY),
         metrics: v.flag(&METRICS),
         run_as,
         umask,

@@ -15,6 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::body::Wire;
 use super::forwarded::Client;
 use super::limits::read_body;
 use super::routes::{BodyLimit, Endpoint, Route};
@@ -104,6 +105,9 @@ impl Api {
                 let id = &request.uri().path()["/api/documents/".len()..];
                 self.get_document(id).await
             }
+            Endpoint::Feedback => self.feedback(request, route.body).await,
+            Endpoint::ChatCompletions => Ok(self.chat_completions(request, route.body).await),
+            Endpoint::Models => Ok(self.models(&request)),
             Endpoint::Delete => {
                 let id = request.uri().path()["/api/documents/".len()..].to_string();
                 self.delete_document(&request, &id).await
@@ -112,7 +116,11 @@ impl Api {
     }
 
     /// The whole body within the route's limit and `body_timeout`.
-    async fn body(&self, request: Request<Incoming>, limit: BodyLimit) -> Result<Bytes, ApiError> {
+    pub(super) async fn body(
+        &self,
+        request: Request<Incoming>,
+        limit: BodyLimit,
+    ) -> Result<Bytes, ApiError> {
         read_body(
             request.into_body(),
             limit.bytes(&self.config.limits),
@@ -180,6 +188,21 @@ impl Api {
             history,
             top_k,
         } = self.read_question(request, limit).await?;
+        let answer = self.collect_answer(question, history, top_k).await?;
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::to_value(&answer).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// Runs the pipeline to the end and gathers its events into one [`Answer`] (sources shown
+    /// as the public may see them); an upstream failure mid-answer is a 502.
+    pub(super) async fn collect_answer(
+        &self,
+        question: String,
+        history: Vec<Turn>,
+        top_k: usize,
+    ) -> Result<Answer, ApiError> {
         let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
         let rag = Rc::clone(&self.rag);
         tokio::task::spawn_local(async move { rag.ask(&question, &history, top_k, tx).await });
@@ -222,10 +245,31 @@ impl Api {
                 }
             }
         }
-        Ok(json(
-            StatusCode::OK,
-            &serde_json::to_value(&answer).unwrap_or(Value::Null),
-        ))
+        Ok(answer)
+    }
+
+    /// Starts the pipeline and streams its events as `wire` frames them.
+    pub(super) fn stream_answer(
+        &self,
+        question: String,
+        history: Vec<Turn>,
+        top_k: usize,
+        wire: Wire,
+    ) -> Response<Body> {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let rag = Rc::clone(&self.rag);
+        tokio::task::spawn_local(async move { rag.ask(&question, &history, top_k, tx).await });
+        let metrics = self.config.metrics.then_some(&self.slot.metrics);
+        let mut response = Response::new(Body::events(rx, metrics, Rc::clone(&self.sources), wire));
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        // nginx: pass tokens through as they come.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        response
     }
 
     async fn ask_stream(
@@ -238,20 +282,7 @@ impl Api {
             history,
             top_k,
         } = self.read_question(request, limit).await?;
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let rag = Rc::clone(&self.rag);
-        tokio::task::spawn_local(async move { rag.ask(&question, &history, top_k, tx).await });
-        let metrics = self.config.metrics.then_some(&self.slot.metrics);
-        let mut response = Response::new(Body::events(rx, metrics, Rc::clone(&self.sources)));
-        let headers = response.headers_mut();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        // nginx: pass tokens through as they come.
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        Ok(response)
+        Ok(self.stream_answer(question, history, top_k, Wire::Events))
     }
 
     /// `{question, history?, top_k?}` as JSON; every way it can be wrong has its status.
@@ -540,7 +571,7 @@ fn header(request: &Request<Incoming>, name: hyper::header::HeaderName) -> Optio
         .map(str::to_string)
 }
 
-fn require_json(request: &Request<Incoming>) -> Result<(), ApiError> {
+pub(super) fn require_json(request: &Request<Incoming>) -> Result<(), ApiError> {
     let content_type = header(request, CONTENT_TYPE).unwrap_or_default();
     if content_type
         .to_ascii_lowercase()
@@ -557,7 +588,7 @@ fn require_json(request: &Request<Incoming>) -> Result<(), ApiError> {
 
 /// The token of `Authorization: Bearer <token>`; the scheme name is case-insensitive
 /// (RFC 7235 section 2.1). Empty when absent or another scheme.
-fn bearer_token<B>(request: &Request<B>) -> &str {
+pub(super) fn bearer_token<B>(request: &Request<B>) -> &str {
     let given = request
         .headers()
         .get(AUTHORIZATION)
@@ -570,7 +601,7 @@ fn bearer_token<B>(request: &Request<B>) -> &str {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -1,4 +1,5 @@
-//! The one response body type: a full buffer, or an answer's events as server-sent events.
+//! The one response body type: a full buffer, or an answer's events as server-sent events
+//! (ragpool's own, or OpenAI's chunks: [`Wire`]).
 //!
 //! It also carries the request's [`RequestGuard`] once the service attaches it, so the access
 //! line and the counters are written when the body ends or is dropped (a client that goes away
@@ -38,7 +39,16 @@ enum Kind {
         metrics: Option<&'static MetricCells>,
         /// Sources are shown as the public may see them.
         public: Rc<PublicSources>,
+        wire: Wire,
     },
+}
+
+/// How an answer's events are framed.
+pub enum Wire {
+    /// ragpool's own: `event: NAME` + `data: JSON` per event ([`super::sse`]).
+    Events,
+    /// OpenAI's `chat.completion.chunk`s, then `data: [DONE]` ([`super::openai`]).
+    OpenAi(super::openai::ChunkStream),
 }
 
 impl Body {
@@ -53,12 +63,14 @@ impl Body {
         events: mpsc::Receiver<Event>,
         metrics: Option<&'static MetricCells>,
         public: Rc<PublicSources>,
+        wire: Wire,
     ) -> Body {
         Body {
             kind: Kind::Events {
                 events,
                 metrics,
                 public,
+                wire,
             },
             guard: None,
         }
@@ -100,17 +112,29 @@ impl HttpBody for Body {
                 events,
                 metrics,
                 public,
-            } => events.poll_recv(cx).map(|event| {
-                event.map(|mut e| {
-                    if let Some(cells) = metrics {
-                        super::metrics::observe(cells, &e);
-                    }
-                    if let Event::Sources(sources) = &mut e {
-                        public.apply(sources);
-                    }
-                    Frame::data(super::sse::encode(&e))
-                })
-            }),
+                wire,
+            } => loop {
+                let Poll::Ready(event) = events.poll_recv(cx) else {
+                    break Poll::Pending;
+                };
+                let Some(mut event) = event else {
+                    break Poll::Ready(None);
+                };
+                if let Some(cells) = metrics {
+                    super::metrics::observe(cells, &event);
+                }
+                if let Event::Sources(sources) = &mut event {
+                    public.apply(sources);
+                }
+                let data = match wire {
+                    Wire::Events => Some(super::sse::encode(&event)),
+                    Wire::OpenAi(chunks) => chunks.encode(&event),
+                };
+                // An event this wire does not show: take the next one.
+                if let Some(data) = data {
+                    break Poll::Ready(Some(Frame::data(data)));
+                }
+            },
         };
         match &polled {
             Poll::Ready(Some(frame)) => {

@@ -3,6 +3,7 @@
 //! An [`ApiError`] carries a status and a message that is safe to show a client. Internal
 //! failures (store, embedding, a task that panicked) are logged here with their cause and
 //! answered with a fixed sentence: a client never sees a path, a URL or an upstream's words.
+//! `/v1` gets the same errors in OpenAI's shape ([`ApiError::into_openai_response`]).
 //! Nothing here reads a request or knows a route.
 
 use hyper::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -56,6 +57,22 @@ impl ApiError {
                 .headers_mut()
                 .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        response
+    }
+
+    /// The same error in OpenAI's shape, for `/v1`: `{"error": {message, type, param, code}}`.
+    pub fn into_openai_response(self) -> Response<Body> {
+        let kind = match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "api_error",
+        };
+        let body = serde_json::json!({
+            "error": { "message": self.message, "type": kind, "param": null, "code": null },
+        });
+        let mut response = self.into_response();
+        *response.body_mut() = Body::full(body.to_string());
         response
     }
 }

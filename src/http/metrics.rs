@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde_json::{json, Value};
 
 use crate::config::app::LlmBackend;
-use crate::metrics::{MetricCells, BACKENDS, BUCKETS, CAUSES, ROUTES, STAGES, STATUSES};
+use crate::metrics::{MetricCells, BACKENDS, BUCKETS, CAUSES, ROUTES, STAGES, STATUSES, VOTES};
 use crate::rag::engine::Event;
 use crate::rag::StoreStats;
 use crate::scoreboard::{unix_ms, BackendView, BreakerState, Scoreboard, SlotState, WorkerView};
@@ -238,6 +238,19 @@ pub fn prometheus(
         );
     }
     llm_backends(&mut out, board, llm);
+    family(
+        &mut out,
+        "ragpool_feedback_total",
+        "counter",
+        "Readers' votes on answers stored, by vote.",
+    );
+    for (v, vote) in VOTES.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ragpool_feedback_total{{vote=\"{vote}\"}} {}",
+            totals.feedback(v)
+        );
+    }
     if let Some(stats) = store {
         family(
             &mut out,

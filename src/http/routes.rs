@@ -22,6 +22,11 @@ pub enum Endpoint {
     /// `GET /api/documents/{id}`: the read-only document view (public, like the listing).
     GetDocument,
     Delete,
+    /// `POST /api/feedback`: a vote on an answer.
+    Feedback,
+    /// `POST /v1/chat/completions` and `GET /v1/models`: the OpenAI-compatible API.
+    ChatCompletions,
+    Models,
 }
 
 /// Which limit a route's request body has.
@@ -116,6 +121,24 @@ const TABLE: &[Entry] = &[
         path: PathMatch::Under("/api/documents/"),
         label: "documents",
         methods: &[(Get, E::GetDocument), (Delete, E::Delete)],
+        body: BodyLimit::Upload,
+    },
+    Entry {
+        path: PathMatch::Exact("/api/feedback"),
+        label: "feedback",
+        methods: &[(Post, E::Feedback)],
+        body: BodyLimit::Json,
+    },
+    Entry {
+        path: PathMatch::Exact("/v1/chat/completions"),
+        label: "openai",
+        methods: &[(Post, E::ChatCompletions)],
+        body: BodyLimit::Json,
+    },
+    Entry {
+        path: PathMatch::Exact("/v1/models"),
+        label: "openai",
+        methods: &[(Get, E::Models)],
         body: BodyLimit::Upload,
     },
 ];
@@ -217,6 +240,19 @@ mod tests {
         );
         assert_eq!(label(&Method::GET, "/api/documents/ab12"), "documents");
         assert_eq!(label(&Method::POST, "/api/ask/stream"), "ask_stream");
+        assert_eq!(
+            Route::of(&Method::POST, "/v1/chat/completions").endpoint,
+            Ok(E::ChatCompletions)
+        );
+        assert_eq!(
+            Route::of(&Method::GET, "/v1/models").endpoint,
+            Ok(E::Models)
+        );
+        assert_eq!(label(&Method::GET, "/v1/models"), "openai");
+        assert_eq!(
+            Route::of(&Method::POST, "/api/feedback").body,
+            BodyLimit::Json
+        );
         assert_eq!(label(&Method::GET, "/api/nope"), "not_found");
         assert_eq!(label(&Method::GET, "/nope"), "other");
         assert_eq!(label(&Method::PUT, "/health"), "health");

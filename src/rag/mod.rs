@@ -9,6 +9,7 @@
 //! - [`rank`]: chunk hits -> distinct documents, weighted fusion, tie-breaks (pure functions).
 //! - [`answer`]: the prompt and the extractive fallback (pure functions).
 //! - [`conversation`]: earlier turns, their bounds, the standalone form of a follow-up.
+//! - [`feedback`]: readers' votes on answers (kept by the store).
 //! - [`engine`]: [`engine::Rag`], the pipeline tying them together for one process.
 //!
 //! Everything here is built inside a worker, after fork: connections, clients and runtimes
@@ -17,6 +18,7 @@
 pub mod answer;
 pub mod conversation;
 pub mod engine;
+pub mod feedback;
 pub mod ingest;
 pub mod llm;
 pub mod rank;

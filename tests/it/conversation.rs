@@ -277,3 +277,231 @@ fn a_source_opens_its_whole_document() {
         assert_eq!(response.json()["error"], "no such document", "{path}");
     }
 }
+
+/// A server on the shipped manual with the fake Ollama as its LLM and `extra` top-level keys.
+fn llm_server(fake: &FakeOllama, extra: &str) -> ServerProcess {
+    let server = ServerProcess::start(&format!(
+        "workers = 1\nbind = [\"127.0.0.1:0\"]\naccesslog = \"\"\n{extra}\n[store]\npath = \"{{dir}}/data\"\n[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 5\n[rag]\ndocs_dir = \"{DOCS}\"\n",
+        fake.url()
+    ));
+    assert!(
+        server.wait_for_log("first run: ingested", BOUND),
+        "{}",
+        server.logs()
+    );
+    server
+}
+
+const KEY: &str = "sk-ragpool-test";
+
+#[test]
+fn the_openai_python_client_talks_to_v1_streaming_and_not() {
+    let fake = FakeOllama::start();
+    let server = llm_server(&fake, &format!("openai_api_key = \"{KEY}\""));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/openai_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .env("RAGPOOL_URL", format!("http://{}/v1", server.addr()))
+        .env("RAGPOOL_KEY", KEY)
+        .env("FIRST", FIRST)
+        .env("FOLLOW_UP", FOLLOW_UP)
+        .output()
+        .expect("python3 is needed for this test");
+    if out.status.code() == Some(3) {
+        assert!(
+            std::env::var("RAGPOOL_REQUIRE_OPENAI").is_err(),
+            "pip install openai"
+        );
+        eprintln!("skipped: pip install openai to test /v1 with the real client");
+        return;
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", server.logs());
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"], json!(["ragpool"]), "{seen}");
+
+    let first = &seen["first"];
+    assert_eq!(first["object"], "chat.completion");
+    assert_eq!(first["role"], "assistant");
+    assert_eq!(first["finish_reason"], "stop");
+    // The fake answers with the passage markers it was given: the answer cites [n].
+    assert!(first["content"].as_str().unwrap().contains("[1]"), "{seen}");
+    let sources = first["sources"].as_array().unwrap();
+    assert!(
+        !sources.is_empty() && sources[0]["document_id"].is_string(),
+        "{seen}"
+    );
+
+    // The follow-up streamed, understood in context (its top source), one id for every chunk.
+    let follow = &seen["follow_up"];
+    assert_eq!(follow["finish_reason"], "stop", "{seen}");
+    assert!(
+        follow["content"].as_str().unwrap().contains("[1]"),
+        "{seen}"
+    );
+    assert!(follow["chunks"].as_u64().unwrap() >= 3, "{seen}");
+    assert_eq!(follow["ids"], 1, "{seen}");
+    let top = &follow["sources"][0];
+    assert_eq!(
+        (top["source"].as_str(), top["position"].as_u64()),
+        (Some(IN_CONTEXT.0), Some(IN_CONTEXT.1)),
+        "{seen}"
+    );
+    // The LLM saw the turns (the client's system message is not ragpool's prompt).
+    let chat = fake.last_chat_request().unwrap();
+    let messages = chat["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{chat}");
+    assert_eq!(messages[1]["content"], FIRST);
+    assert_ne!(messages[0]["content"], "You are a helpful assistant.");
+
+    assert_eq!(seen["wrong_key"], 401, "{seen}");
+    assert_eq!(seen["wrong_model"], 404, "{seen}");
+}
+
+#[test]
+fn v1_speaks_openais_wire_format_on_the_socket() {
+    let fake = FakeOllama::start();
+    let server = llm_server(&fake, "");
+    let addr = server.addr();
+    let body = json!({
+        "model": "ragpool",
+        "stream": true,
+        "messages": [{ "role": "user", "content": FIRST }],
+    });
+    let response = post_json(&addr, "/v1/chat/completions", &body).unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(response
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream")));
+    let frames: Vec<&str> = response
+        .body
+        .split("\n\n")
+        .filter(|f| !f.is_empty())
+        .collect();
+    assert!(frames.iter().all(|f| f.starts_with("data: ")), "{frames:?}");
+    assert_eq!(frames.last(), Some(&"data: [DONE]"));
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(&f["data: ".len()..]).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks[0]["sources"]
+        .as_array()
+        .is_some_and(|s| !s.is_empty()));
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["ragpool"]["mode"], "generated");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(text.starts_with("Answer [1]"), "{text}");
+
+    // Without an API key configured, /v1 is open; errors come in OpenAI's shape.
+    assert_eq!(get(&addr, "/v1/models").unwrap().status, 200);
+    let bad = post_json(&addr, "/v1/chat/completions", &json!({ "messages": [] })).unwrap();
+    assert_eq!(bad.status, 422, "{}", bad.body);
+    assert_eq!(
+        bad.json()["error"]["type"],
+        "invalid_request_error",
+        "{}",
+        bad.body
+    );
+    assert!(bad.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`messages`"));
+
+    // A client that goes away mid-stream cancels the upstream generation here too.
+    fake.set_answer_duration(Duration::from_secs(20));
+    fake.set_tokens(50);
+    let before = fake.cancelled();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(BOUND)).unwrap();
+    let body =
+        json!({ "stream": true, "messages": [{ "role": "user", "content": FIRST }] }).to_string();
+    use std::io::{Read, Write};
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The first token of "Answer [1] ...", however finely the fake splits it.
+    while !String::from_utf8_lossy(&seen).contains("{\"content\":\"A") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    assert!(
+        fake.wait_until(BOUND, |c| c.chat_cancelled > before),
+        "{:?}",
+        fake.counters()
+    );
+}
+
+#[test]
+fn feedback_is_stored_counted_and_exported() {
+    let server = manual_server("provider = \"none\"", "");
+    let addr = server.addr();
+    let answer = ask(&addr, &json!({ "question": FIRST }));
+    let ids: Vec<&str> = answer["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["document_id"].as_str().unwrap())
+        .collect();
+    let vote = |vote: &str, question: &str| {
+        json!({ "vote": vote, "question": question, "answer": answer["answer"],
+                "mode": answer["mode"], "source_ids": ids })
+    };
+    let mut stored = Vec::new();
+    for (v, q) in [("down", FIRST), ("up", FOLLOW_UP), ("down", "где логи?")] {
+        let response = post_json(&addr, "/api/feedback", &vote(v, q)).unwrap();
+        assert_eq!(response.status, 201, "{}", response.body);
+        stored.push(response.json()["id"].as_str().unwrap().to_string());
+    }
+    let bad = post_json(&addr, "/api/feedback", &json!({ "vote": "sideways" })).unwrap();
+    assert_eq!(bad.status, 422);
+    assert!(bad.json()["error"].as_str().unwrap().contains("`vote`"));
+
+    let metrics = get(&addr, "/metrics").unwrap().body;
+    assert!(
+        metrics.contains("ragpool_feedback_total{vote=\"down\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ragpool_feedback_total{vote=\"up\"} 1"),
+        "{metrics}"
+    );
+
+    // The operator's export, while the server runs: one JSON line per vote, oldest first.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ragpool"))
+        .args(["feedback", "export", "--config"])
+        .arg(&server.config_path)
+        .current_dir(server.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let mut exported: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    exported.sort();
+    stored.sort();
+    assert_eq!(exported, stored);
+    let down: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["vote"] == "down")
+        .map(|l| l["question"].as_str().unwrap())
+        .collect();
+    assert_eq!(down.len(), 2);
+    assert!(down.contains(&"где логи?") && down.contains(&FIRST));
+    assert_eq!(lines[0]["mode"], "extractive");
+    assert_eq!(lines[0]["source_ids"], json!(ids));
+    assert_eq!(lines[0]["answer"], answer["answer"]);
+}

@@ -26,6 +26,8 @@
 //!   ones that deleted any (`vectors_epoch`), so a process can tell whether its in-memory copy
 //!   is current. Schema version 2 added it: opening a version 1 file builds it from
 //!   `chunks_vec` in one transaction (documents, chunks and full vectors are left as they are).
+//! - `feedback(id PK, created_at, vote, question, answer, mode, source_ids)`: readers' votes,
+//!   created with the first one.
 //!
 //! # Dense search
 //!
@@ -84,6 +86,7 @@ use super::pool::{Pool, PoolError};
 use super::quantized::{self, QuantizedIndex};
 use super::{now_unix, validate_document, StoreError};
 use crate::config::{Distance, StoreConfig};
+use crate::rag::feedback::{Feedback, Vote};
 use crate::rag::text::Stems;
 use crate::rag::{
     document_id, ChunkText, DocumentInfo, Hit, NewDocument, StoreStats, StoredDocument,
@@ -151,6 +154,19 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (
 CREATE TABLE IF NOT EXISTS chunks_q8 (
     id INTEGER PRIMARY KEY,
     q  BLOB NOT NULL
+);
+";
+
+/// Readers' votes on answers (see [`EmbeddedStore::add_feedback`]); `source_ids` is a JSON list.
+const FEEDBACK_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS feedback (
+    id         TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    vote       TEXT NOT NULL,
+    question   TEXT NOT NULL,
+    answer     TEXT NOT NULL,
+    mode       TEXT NOT NULL,
+    source_ids TEXT NOT NULL
 );
 ";
 
@@ -481,6 +497,80 @@ impl EmbeddedStore {
                 })
                 .map_err(shared.sql_error("read a document's chunks"))?;
             Ok(Some(StoredDocument { info, chunks }))
+        })
+        .await
+    }
+
+    /// Into `feedback`, created here with the first vote (not in the versioned schema: a vote
+    /// needs no migration, and a file without one is left as it was).
+    pub async fn add_feedback(&self, feedback: Feedback) -> Result<(), StoreError> {
+        self.run(move |shared, conn| {
+            let error = shared.sql_error("store feedback");
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(error)?;
+            tx.execute_batch(FEEDBACK_SCHEMA)
+                .map_err(shared.sql_error("create the feedback table"))?;
+            let source_ids = serde_json::to_string(&feedback.source_ids).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO feedback (id, created_at, vote, question, answer, mode, source_ids) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    feedback.id,
+                    feedback.created_at,
+                    feedback.vote.name(),
+                    feedback.question,
+                    feedback.answer,
+                    feedback.mode,
+                    source_ids
+                ],
+            )
+            .map_err(shared.sql_error("store feedback"))?;
+            tx.commit().map_err(shared.sql_error("store feedback"))?;
+            checkpoint(conn, &shared.path);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_feedback(&self) -> Result<Vec<Feedback>, StoreError> {
+        self.run(|shared, conn| {
+            let error = shared.sql_error("read feedback");
+            let exists = conn
+                .query_row(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'feedback'",
+                    [],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map_err(error)?
+                .is_some();
+            if !exists {
+                return Ok(Vec::new());
+            }
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, created_at, vote, question, answer, mode, source_ids FROM feedback \
+                     ORDER BY created_at, id",
+                )
+                .map_err(shared.sql_error("read feedback"))?;
+            let rows = stmt
+                .query_map([], |row| {
+                    let vote: String = row.get(2)?;
+                    let source_ids: String = row.get(6)?;
+                    Ok(Feedback {
+                        id: row.get(0)?,
+                        created_at: row.get(1)?,
+                        vote: Vote::parse(&vote).unwrap_or(Vote::Down),
+                        question: row.get(3)?,
+                        answer: row.get(4)?,
+                        mode: row.get(5)?,
+                        source_ids: serde_json::from_str(&source_ids).unwrap_or_default(),
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(shared.sql_error("read feedback"))?;
+            Ok(rows)
         })
         .await
     }

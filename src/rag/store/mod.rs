@@ -38,6 +38,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{StoreBackend, StoreConfig};
+use crate::rag::feedback::Feedback;
 use crate::rag::{DocumentInfo, Hit, NewDocument, StoreStats, StoredDocument, UpsertOutcome};
 
 /// Where documents live. Enum dispatch: one worker thread, two backends, no `dyn`.
@@ -189,6 +190,26 @@ impl Store {
             Store::Embedded(s) => s.get_document(id).await,
             Store::Qdrant(s) => s.get_document(id).await,
         }
+    }
+
+    /// Keeps a reader's vote. Embedded: the `feedback` table of the same file. Qdrant: a
+    /// payload-only point (`kind = "feedback"`) in the same collection, so every node and host
+    /// sharing the documents shares the votes, and a search never sees them.
+    pub async fn add_feedback(&self, feedback: Feedback) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.add_feedback(feedback).await,
+            Store::Qdrant(s) => s.add_feedback(feedback).await,
+        }
+    }
+
+    /// Every vote, oldest first.
+    pub async fn list_feedback(&self) -> Result<Vec<Feedback>, StoreError> {
+        let mut all = match self {
+            Store::Embedded(s) => s.list_feedback().await?,
+            Store::Qdrant(s) => s.list_feedback().await?,
+        };
+        all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(all)
     }
 
     /// Removes a document and its chunks; `false` when there was no such document.

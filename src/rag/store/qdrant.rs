@@ -10,7 +10,7 @@
 //! - sparse vector `lexical` with the IDF modifier: indices are a stable 32-bit hash (FNV-1a)
 //!   of each stem, values the stem's frequency in the chunk; Qdrant's IDF x TF ranks like BM25
 //!   without length normalisation;
-//! - payload: `kind` (`chunk` | `head`), `document_id`, `source`, `title`, `content_hash`,
+//! - payload: `kind` (`chunk` | `head` | `feedback`, a reader's vote, payload only), `document_id`, `source`, `title`, `content_hash`,
 //!   `chunks`, `updated_at`, and for chunks `text` and `position`; keyword indexes on
 //!   `document_id`, `kind` and `content_hash`.
 //!
@@ -80,6 +80,7 @@ use sha2::{Digest, Sha256};
 
 use super::{now_unix, validate_document, StoreError};
 use crate::config::{Distance, StoreConfig};
+use crate::rag::feedback::{Feedback, Vote};
 use crate::rag::text::Stems;
 use crate::rag::{
     document_id, ChunkText, DocumentInfo, Hit, NewChunk, NewDocument, StoreStats, StoredDocument,
@@ -122,6 +123,8 @@ mod field {
 }
 const KIND_CHUNK: &str = "chunk";
 const KIND_HEAD: &str = "head";
+/// A reader's vote on an answer (payload only).
+const KIND_FEEDBACK: &str = "feedback";
 
 /// How a collection this process creates is spread over a cluster.
 #[derive(Debug, Clone, Copy)]
@@ -381,6 +384,77 @@ impl QdrantStore {
             tokio::time::sleep(READ_BACKOFF * attempt + jitter(READ_BACKOFF)).await;
         }
         Ok(last)
+    }
+
+    /// A payload-only point of kind `feedback` (an empty sparse vector, as heads have), in the
+    /// same collection: shared by every node and host, invisible to searches (they filter on
+    /// `kind = chunk`) and to document counts.
+    pub async fn add_feedback(&self, feedback: Feedback) -> Result<(), StoreError> {
+        self.prepare_for_write(None).await?;
+        let vectors = NamedVectors::default().add_vector(
+            LEXICAL,
+            Vector::new_sparse(Vec::<u32>::new(), Vec::<f32>::new()),
+        );
+        let mut payload = Payload::new();
+        payload.insert(field::KIND, KIND_FEEDBACK);
+        payload.insert("feedback_id", feedback.id.clone());
+        payload.insert("created_at", feedback.created_at);
+        payload.insert("vote", feedback.vote.name());
+        payload.insert("question", feedback.question);
+        payload.insert("answer", feedback.answer);
+        payload.insert("mode", feedback.mode);
+        payload.insert(
+            "source_ids",
+            serde_json::to_string(&feedback.source_ids).unwrap_or_default(),
+        );
+        let point = PointStruct::new(
+            uuid_of(&format!("feedback/{}", feedback.id)),
+            vectors,
+            payload,
+        );
+        let request = UpsertPointsBuilder::new(&self.collection, vec![point]).wait(true);
+        self.call("store feedback", |c| c.upsert_points(request.clone()))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_feedback(&self) -> Result<Vec<Feedback>, StoreError> {
+        if self.known_shape().await?.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut votes = Vec::new();
+        let mut offset: Option<PointId> = None;
+        loop {
+            let mut request = ScrollPointsBuilder::new(&self.collection)
+                .filter(Filter::must([kind_is(KIND_FEEDBACK)]))
+                .limit(SCROLL_PAGE)
+                .with_payload(true)
+                .with_vectors(false);
+            if let Some(offset) = offset.take() {
+                request = request.offset(offset);
+            }
+            let request = request.build();
+            let page = self
+                .call("read feedback", |c| c.scroll(request.clone()))
+                .await?;
+            votes.extend(page.result.iter().filter_map(|point| {
+                let p = &point.payload;
+                Some(Feedback {
+                    id: text_of(p, "feedback_id")?,
+                    created_at: integer_of(p, "created_at")?,
+                    vote: Vote::parse(&text_of(p, "vote")?)?,
+                    question: text_of(p, "question")?,
+                    answer: text_of(p, "answer")?,
+                    mode: text_of(p, "mode")?,
+                    source_ids: serde_json::from_str(&text_of(p, "source_ids")?).ok()?,
+                })
+            }));
+            match page.next_page_offset {
+                Some(next) => offset = Some(next),
+                None => break,
+            }
+        }
+        Ok(votes)
     }
 
     pub async fn delete_document(&self, id: &str) -> Result<bool, StoreError> {

@@ -166,6 +166,7 @@ both_backends!(
     replace_is_atomic_for_concurrent_readers,
     the_first_run_mark_outlives_every_document,
     get_document_reads_its_current_chunks,
+    feedback_is_kept_apart_from_documents,
 );
 
 /// Compile-time check: the store is `Sync` and its futures `Send`, so a caller may share it or
@@ -765,6 +766,38 @@ async fn get_document_reads_its_current_chunks(store: &Store) {
     assert_eq!(chunks, [(0, "uno"), (1, "dos")]);
     assert!(store.delete_document(&id).await.unwrap());
     assert_eq!(store.get_document(&id).await.unwrap(), None);
+}
+
+/// Votes read back oldest first with every field, and are never documents or search hits.
+async fn feedback_is_kept_apart_from_documents(store: &Store) {
+    use crate::rag::feedback::{new_id, Feedback, Vote};
+    assert_eq!(store.list_feedback().await.unwrap(), []);
+    store
+        .upsert_document(doc(
+            "guide/reload.md",
+            "Reload",
+            &["how to reload the workers"],
+        ))
+        .await
+        .unwrap();
+    let vote = |created_at, vote, question: &str| Feedback {
+        id: new_id(),
+        created_at,
+        vote,
+        question: question.into(),
+        answer: "Send HUP [1].".into(),
+        mode: "generated".into(),
+        source_ids: vec![document_id("guide/reload.md")],
+    };
+    let later = vote(20, Vote::Down, "как перезагрузить воркеры?");
+    let earlier = vote(10, Vote::Up, "how to reload the workers?");
+    store.add_feedback(later.clone()).await.unwrap();
+    store.add_feedback(earlier.clone()).await.unwrap();
+    assert_eq!(store.list_feedback().await.unwrap(), [earlier, later]);
+    assert_eq!(store.stats().await.unwrap().documents, 1);
+    assert_eq!(store.list_documents().await.unwrap().len(), 1);
+    let hits = store.lexical_search("reload workers", 10).await.unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
 }
 
 // ----- the embedded store only -----------------------------------------------------------
