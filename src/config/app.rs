@@ -148,6 +148,13 @@ pub struct LlmConfig {
     /// the page apart from the answer. Either way reasoning never counts as answer text.
     pub think: bool,
     pub keep_alive: Option<KeepAlive>,
+    /// Repetition control, so a small model does not loop until `max_tokens`: Ollama's
+    /// `repeat_penalty` (also read by llama.cpp's and vLLM's `/v1`); 1.0 = off, not sent.
+    pub repeat_penalty: f64,
+    /// Both APIs' `frequency_penalty`; 0 = off, not sent.
+    pub frequency_penalty: f64,
+    /// Both APIs' `stop` strings; empty = not sent.
+    pub stop: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -446,6 +453,14 @@ pub(super) fn llm(v: &Values) -> Result<LlmConfig, ConfigError> {
         max_concurrent: v.int(&LLM_MAX_CONCURRENT) as usize,
         think: v.flag(&LLM_THINK),
         keep_alive: keep_alive(v, &LLM_KEEP_ALIVE)?,
+        repeat_penalty: v.float(&LLM_REPEAT_PENALTY),
+        frequency_penalty: v.float(&LLM_FREQUENCY_PENALTY),
+        stop: v
+            .list(&LLM_STOP)
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect(),
     })
 }
 

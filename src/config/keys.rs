@@ -202,6 +202,12 @@ keys! {
         "thinking models may think (`false` sends `\"think\": false`); `true` shows their reasoning collapsed on the page";
     LLM_KEEP_ALIVE: "llm" "keep_alive", text(super::app::KEEP_ALIVE),
         "how long Ollama keeps the model loaded after a request (as `[embed] keep_alive`)";
+    LLM_REPEAT_PENALTY: "llm" "repeat_penalty", Kind::Float { default: 1.1, min: 0.5, max: 2.0 },
+        "penalty on repeating recent tokens, so a small model does not loop to `max_tokens` (Ollama's option; llama.cpp and vLLM take it on `/v1` too); 1.0 = off, not sent";
+    LLM_FREQUENCY_PENALTY: "llm" "frequency_penalty", Kind::Float { default: 0.0, min: -2.0, max: 2.0 },
+        "penalty growing with how often a token already appeared (both APIs); 0 = off, not sent";
+    LLM_STOP: "llm" "stop", Kind::List { default: &[] },
+        "strings that end the answer where they appear (both APIs' `stop`), e.g. a chat template's end marker";
     LLM_BREAKER_FAILURES: "llm" "breaker_failures", int(3, 1, 1000),
         "consecutive failures of one LLM backend that open its circuit breaker (no answers go to it)";
     LLM_BREAKER_COOLDOWN: "llm" "breaker_cooldown", secs(5.0, 0.1, HOUR),

@@ -800,7 +800,7 @@ impl Rag {
         messages.extend(conversation::history_messages(history));
         messages.push(ChatMessage {
             role: Role::User,
-            content: answer::user_prompt(question, hits),
+            content: answer::user_prompt(question, hits, language),
         });
         let mut tried: u64 = 0;
         let mut last_error = None;

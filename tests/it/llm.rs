@@ -43,6 +43,9 @@ fn llm_config(provider: Provider, url: &str) -> LlmConfig {
         max_tokens: 64,
         max_concurrent: 0,
         think: false,
+        repeat_penalty: 1.1,
+        frequency_penalty: 0.0,
+        stop: Vec::new(),
         keep_alive: Some(KeepAlive::Duration("30m".into())),
     }
 }

@@ -368,9 +368,26 @@ fn answers_stream_from_ollama_with_sources_first_and_numbered_passages() {
     assert_eq!(events.last().unwrap().1["mode"], "generated");
     assert!(events.last().unwrap().1["timings"]["first_token_ms"].is_number());
     // The prompt numbered the passage and asked for the question's language.
-    let prompt = fake.last_chat_request().unwrap().to_string();
-    assert!(prompt.contains("[1] (Reload)"), "{prompt}");
+    let request = fake.last_chat_request().unwrap();
+    let prompt = request.to_string();
+    assert!(prompt.contains(r"[1] Reload\n"), "{prompt}");
+    assert_eq!(
+        prompt.matches("Reload").count(),
+        1,
+        "labelled once: {prompt}"
+    );
     assert!(prompt.contains("Answer in English"), "{prompt}");
+    // `[llm] repeat_penalty`'s default reaches Ollama's options; frequency_penalty (0) does not.
+    assert_eq!(
+        request.pointer("/options/repeat_penalty"),
+        Some(&json!(1.1)),
+        "{prompt}"
+    );
+    assert_eq!(
+        request.pointer("/options/frequency_penalty"),
+        None,
+        "{prompt}"
+    );
     assert_eq!(http::get(&addr, "/health").unwrap().json()["status"], "ok");
 }
 

@@ -4,7 +4,8 @@
 //! Owns how documents are cut. Markdown is cut into sections at its headings first: runs of
 //! sections that fit in a chunk are packed by text-splitter's `MarkdownSplitter` (so a short
 //! section is never cut in the middle), and a section too long for one chunk is split on its own
-//! with its heading repeated at the top of every piece. Other formats go through its
+//! with its heading repeated at the top of every piece (not the document's title heading: the
+//! title travels with every hit and is labelled once in the prompt). Other formats go through its
 //! `TextSplitter` (paragraphs, lines, sentences, words). Sizes are counted in characters
 //! (`char`s), so Cyrillic text gets as much room as Latin. It must not embed or store.
 //!
@@ -32,7 +33,7 @@ const WINDOW_CHUNKS: usize = 8;
 pub fn chunk(doc: &LoadedDocument, config: &RagConfig) -> Vec<String> {
     let size = config.chunk_size.max(1);
     let pieces = match doc.format {
-        Format::Markdown => chunk_markdown(&doc.text, size, config.chunk_overlap),
+        Format::Markdown => chunk_markdown(&doc.text, &doc.title, size, config.chunk_overlap),
         Format::Text | Format::Html | Format::Pdf => {
             let splitter = TextSplitter::new(chunk_config(size, config.chunk_overlap));
             windows(&doc.text, size * WINDOW_CHUNKS, config.chunk_overlap)
@@ -56,7 +57,7 @@ pub fn chunk(doc: &LoadedDocument, config: &RagConfig) -> Vec<String> {
 /// Runs of sections that fit in a chunk go to `MarkdownSplitter`, which packs them without
 /// cutting one. A section too long for one chunk is split on its own, and its heading starts
 /// every piece, so no piece loses the words that say what it is about.
-fn chunk_markdown(text: &str, size: usize, overlap: usize) -> Vec<String> {
+fn chunk_markdown(text: &str, title: &str, size: usize, overlap: usize) -> Vec<String> {
     let mut out = Vec::new();
     // Consecutive sections that each fit in a chunk, as one byte range.
     let mut run: Option<Range<usize>> = None;
@@ -71,7 +72,7 @@ fn chunk_markdown(text: &str, size: usize, overlap: usize) -> Vec<String> {
         if let Some(run) = run.take() {
             pack_sections(&text[run], size, overlap, &mut out);
         }
-        split_long_section(text, &section, size, overlap, &mut out);
+        split_long_section(text, title, &section, size, overlap, &mut out);
     }
     if let Some(run) = run {
         pack_sections(&text[run], size, overlap, &mut out);
@@ -171,6 +172,7 @@ fn overlap_start(window: &str, overlap: usize, boundary: Boundary) -> usize {
 /// One section longer than a chunk: its body is split, and each piece starts with the heading.
 fn split_long_section(
     text: &str,
+    title: &str,
     section: &Section<'_>,
     size: usize,
     overlap: usize,
@@ -179,8 +181,11 @@ fn split_long_section(
     let heading = section.heading.map(str::trim).unwrap_or_default();
     let prefix = format!("{heading}\n\n");
     // The heading heads every piece, unless it would leave less than half of the room for the
-    // body: then the section is split whole, and only its first piece carries the heading.
-    if heading.is_empty() || chars(&prefix) > size / 2 {
+    // body, or it is the document's title (which every hit carries and the prompt labels
+    // anyway; repeated, its words would match every chunk and none usefully): then the section
+    // is split whole, and only its first piece carries the heading.
+    let is_title = heading.trim_start_matches('#').trim() == title.trim();
+    if heading.is_empty() || is_title || chars(&prefix) > size / 2 {
         pack_sections(&text[section.range.clone()], size, overlap, out);
         return;
     }

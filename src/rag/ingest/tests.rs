@@ -529,6 +529,23 @@ fn markdown_long_sections_repeat_their_heading() {
 }
 
 #[test]
+fn the_title_heading_is_not_repeated_in_every_chunk() {
+    let body: String = (0..40)
+        .map(|i| format!("Step {i}: send TTIN to add one worker.\n\n"))
+        .collect();
+    let doc = from_text("Tuning", &format!("# Tuning\n\n{body}")).unwrap();
+    let chunks = chunk(&doc, &rag_config(300, 50));
+    assert!(chunks.len() > 2, "{chunks:#?}");
+    assert!(chunks[0].starts_with("# Tuning\n\nStep 0:"), "{chunks:#?}");
+    let titled = chunks.iter().filter(|c| c.contains("Tuning")).count();
+    assert_eq!(titled, 1, "the title once, in the first chunk: {chunks:#?}");
+    for i in 0..40 {
+        let step = format!("Step {i}: ");
+        assert!(chunks.iter().any(|c| c.contains(&step)), "{step} lost");
+    }
+}
+
+#[test]
 fn chunks_are_trimmed_and_never_empty() {
     let doc = text_doc("\n\n   first paragraph   \n\n\n\n   second paragraph\n\n   ");
     assert_eq!(

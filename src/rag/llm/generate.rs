@@ -52,6 +52,25 @@ pub struct ChatClient {
     /// if the model can, and a model that cannot is not refused).
     think: bool,
     keep_alive: Option<KeepAlive>,
+    /// `[llm] repeat_penalty`, `frequency_penalty`, `stop`: see [`sampling`].
+    repeat_penalty: f64,
+    frequency_penalty: f64,
+    stop: Vec<String>,
+}
+
+/// Adds the repetition control and stop strings to a request's sampling settings (Ollama's
+/// `options`, or the OpenAI body itself, where llama.cpp and vLLM read `repeat_penalty` too):
+/// only what is switched on, so a server that does not know a setting never sees it.
+fn sampling(c: &ChatClient, into: &mut serde_json::Value) {
+    if (c.repeat_penalty - 1.0).abs() > f64::EPSILON {
+        into["repeat_penalty"] = json!(c.repeat_penalty);
+    }
+    if c.frequency_penalty != 0.0 {
+        into["frequency_penalty"] = json!(c.frequency_penalty);
+    }
+    if !c.stop.is_empty() {
+        into["stop"] = json!(c.stop);
+    }
 }
 
 impl Generator {
@@ -100,6 +119,9 @@ impl Generator {
                 max_tokens: config.max_tokens,
                 think: config.think,
                 keep_alive: config.keep_alive.clone(),
+                repeat_penalty: config.repeat_penalty,
+                frequency_penalty: config.frequency_penalty,
+                stop: config.stop.clone(),
             })
         };
         Ok(match backend.provider {
@@ -152,11 +174,14 @@ impl Generator {
         let client = self.client();
         let (url, body, decoder) = match self {
             Generator::Ollama(c) => {
+                let mut options =
+                    json!({ "temperature": c.temperature, "num_predict": max_tokens });
+                sampling(c, &mut options);
                 let mut body = json!({
                     "model": c.model,
                     "messages": messages,
                     "stream": true,
-                    "options": { "temperature": c.temperature, "num_predict": max_tokens },
+                    "options": options,
                 });
                 if !think {
                     body["think"] = json!(false);
@@ -170,17 +195,21 @@ impl Generator {
                     Decoder::Ndjson(NdjsonDecoder::default()),
                 )
             }
-            Generator::OpenAi(c) => (
-                c.endpoint.url("/v1/chat/completions"),
-                json!({
+            Generator::OpenAi(c) => {
+                let mut body = json!({
                     "model": c.model,
                     "messages": messages,
                     "stream": true,
                     "temperature": c.temperature,
                     "max_tokens": max_tokens,
-                }),
-                Decoder::Sse(SseDecoder::default()),
-            ),
+                });
+                sampling(c, &mut body);
+                (
+                    c.endpoint.url("/v1/chat/completions"),
+                    body,
+                    Decoder::Sse(SseDecoder::default()),
+                )
+            }
         };
         let started = Instant::now();
         let deadlines = Deadlines {
@@ -423,5 +452,41 @@ impl Pump {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(repeat_penalty: f64, frequency_penalty: f64, stop: &[&str]) -> ChatClient {
+        ChatClient {
+            endpoint: Endpoint::new("http://127.0.0.1:9", None, Duration::from_secs(1))
+                .expect("endpoint"),
+            model: "m".into(),
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            first_token_timeout: Duration::from_secs(1),
+            temperature: 0.2,
+            max_tokens: 8,
+            think: false,
+            keep_alive: None,
+            repeat_penalty,
+            frequency_penalty,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn repetition_control_and_stop_are_sent_only_when_on() {
+        let mut body = json!({});
+        sampling(&client(1.15, 0.4, &["<|im_end|>"]), &mut body);
+        assert_eq!(
+            body,
+            json!({"repeat_penalty": 1.15, "frequency_penalty": 0.4, "stop": ["<|im_end|>"]})
+        );
+        let mut off = json!({});
+        sampling(&client(1.0, 0.0, &[]), &mut off);
+        assert_eq!(off, json!({}));
     }
 }
