@@ -1,7 +1,7 @@
 //! Conversations on the page: a follow-up retrieved in the context of the question before it,
 //! Stop (the fake Ollama sees its chat cancelled), Retry, the document view a source opens,
 //! a conversation that survives a reload (localStorage), with "New chat" and the phone's drawer,
-//! and the place in line while the LLM is busy.
+//! the place in line while the LLM is busy, and a vote on an answer (`POST /api/feedback`).
 
 use std::time::Duration;
 
@@ -417,4 +417,118 @@ fn a_question_waiting_for_the_llm_shows_its_place_in_line() {
     let other = other.join().unwrap().expect("the other answer");
     assert!(other.body.contains("event: done"), "{}", other.body);
     assert_eq!(fake.counters().max_concurrent_streams, 1);
+}
+
+/// `ragpool_feedback_total{vote="..."}` from `/metrics` (0 when absent).
+fn votes(addr: &str, vote: &str) -> u64 {
+    let metrics = crate::support::http::get(addr, "/metrics").expect("/metrics");
+    let series = format!("ragpool_feedback_total{{vote=\"{vote}\"}} ");
+    metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_vote_on_an_answer_is_stored_by_the_server_and_kept_by_the_page() {
+    let Some(browser) = Browser::start(PHONE.0, PHONE.1) else {
+        return;
+    };
+    let fake = FakeOllama::with(FakeOptions {
+        answer: Some("Send HUP to the master [1].".into()),
+        tokens: 4,
+        ..FakeOptions::default()
+    });
+    let server = ServerProcess::start(&with_fake(&fake));
+    let addr = server.addr();
+    add_document(
+        &addr,
+        "Reload",
+        "# Reload\n\nSend HUP to the master to reload the workers.",
+    );
+    browser.goto(&format!("http://{addr}/"));
+
+    let card = ask_done(&browser, "How do I reload the workers?");
+    let document_id = browser
+        .find_in(&card, ".sources > li")
+        .and_then(|li| browser.attribute(&li, "data-document-id"))
+        .expect("the source's document id");
+    let (up, down) = (
+        browser.find_in(&card, ".vote.up").expect("thumbs up"),
+        browser.find_in(&card, ".vote.down").expect("thumbs down"),
+    );
+    assert_eq!(
+        browser.attribute(&up, "aria-label").as_deref(),
+        Some("Helpful")
+    );
+    assert_eq!(
+        browser.attribute(&down, "aria-label").as_deref(),
+        Some("Not helpful")
+    );
+    assert_eq!(
+        browser.attribute(&up, "aria-pressed").as_deref(),
+        Some("false")
+    );
+    browser.click(&up);
+    assert!(
+        wait_until(BOUND, || browser.attribute(&up, "aria-pressed").as_deref()
+            == Some("true")),
+        "not accepted: {:?}",
+        browser
+            .find_in(&card, ".actions .note")
+            .map(|n| browser.text(&n))
+    );
+    assert_eq!(
+        browser
+            .find_in(&card, ".actions .note")
+            .map(|n| browser.text(&n)),
+        Some("Thanks for the feedback".to_string())
+    );
+    assert_eq!(votes(&addr, "up"), 1);
+
+    // A change of mind is a second vote; the page shows the last one, after a reload too.
+    browser.click(&down);
+    assert!(wait_until(BOUND, || {
+        browser.attribute(&down, "aria-pressed").as_deref() == Some("true")
+    }));
+    assert_eq!(
+        browser.attribute(&up, "aria-pressed").as_deref(),
+        Some("false")
+    );
+    assert_eq!(votes(&addr, "down"), 1);
+    browser.refresh();
+    let down = wait_for(&browser, "#log .a .vote.down");
+    assert_eq!(
+        browser.attribute(&down, "aria-pressed").as_deref(),
+        Some("true")
+    );
+
+    // What the operator exports: the question, the answer's mode and its source's document.
+    let export = std::process::Command::new(crate::support::BIN)
+        .args(["feedback", "export", "--config"])
+        .arg(server.path("workers.toml"))
+        .output()
+        .expect("ragpool feedback export");
+    assert!(export.status.success(), "{export:?}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    // Both votes (their order within one second is the store's, not the page's).
+    let mut given: Vec<&str> = lines.iter().filter_map(|l| l["vote"].as_str()).collect();
+    given.sort_unstable();
+    assert_eq!(given, ["down", "up"], "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["question"], "How do I reload the workers?", "{line}");
+        assert_eq!(line["answer"], "Send HUP to the master [1].", "{line}");
+        assert_eq!(line["mode"], "generated", "{line}");
+        assert_eq!(
+            line["source_ids"],
+            serde_json::json!([document_id]),
+            "{line}"
+        );
+    }
 }
