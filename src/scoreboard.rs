@@ -83,6 +83,8 @@ pub struct Slot {
     llm_waiting: AtomicU64,
     /// Of those, the places held on each LLM backend (given back the same way).
     llm_backend_held: [AtomicU64; MAX_LLM_BACKENDS],
+    /// Calls this worker has running on each embedding backend (given back the same way).
+    embed_backend_held: [AtomicU64; MAX_LLM_BACKENDS],
 }
 
 impl Slot {
@@ -101,7 +103,7 @@ impl Slot {
         self.metrics.reset();
         self.llm_held.store(0, Ordering::Relaxed);
         self.llm_waiting.store(0, Ordering::Relaxed);
-        for held in &self.llm_backend_held {
+        for held in self.llm_backend_held.iter().chain(&self.embed_backend_held) {
             held.store(0, Ordering::Relaxed);
         }
         self.state
@@ -250,6 +252,8 @@ pub struct PoolHeader {
     /// Each LLM backend of the pool (`[[llm.backend]]`, by position): its slots in use and
     /// its circuit breaker, shared so every worker routes and ejects alike.
     llm_backends: [BackendCells; MAX_LLM_BACKENDS],
+    /// The same for each embedding backend (`[embed] url` list): calls, not answers.
+    embed_backends: [BackendCells; MAX_LLM_BACKENDS],
 }
 
 /// One LLM backend's shared state: answers running on it, what it has done, and its breaker.
@@ -466,7 +470,9 @@ impl Scoreboard {
         header
             .llm_left_line
             .fetch_add(slot.llm_waiting.swap(0, Ordering::AcqRel), Ordering::AcqRel);
-        for (held, cells) in slot.llm_backend_held.iter().zip(&header.llm_backends) {
+        let llm = slot.llm_backend_held.iter().zip(&header.llm_backends);
+        let embed = slot.embed_backend_held.iter().zip(&header.embed_backends);
+        for (held, cells) in llm.chain(embed) {
             cells
                 .active
                 .fetch_sub(held.swap(0, Ordering::AcqRel), Ordering::AcqRel);
@@ -519,7 +525,15 @@ impl Scoreboard {
 impl Scoreboard {
     /// The cells of LLM backend `index` (`index < MAX_LLM_BACKENDS`).
     pub fn backend(&self, index: usize) -> BackendView {
-        let cells = &self.header().llm_backends[index];
+        self.view(&self.header().llm_backends[index])
+    }
+
+    /// The cells of embedding backend `index` (`index < MAX_LLM_BACKENDS`).
+    pub fn embed_backend(&self, index: usize) -> BackendView {
+        self.view(&self.header().embed_backends[index])
+    }
+
+    fn view(&self, cells: &BackendCells) -> BackendView {
         BackendView {
             active: cells.active.load(Ordering::Acquire),
             admitted: cells.admitted.load(Ordering::Relaxed),
@@ -563,6 +577,9 @@ pub struct BreakerPolicy {
 /// idle) breaker. Every place is a compare-and-swap on a shared count, so no cap is ever
 /// exceeded, whatever the number of workers; the place in line is approximate (workers poll),
 /// which is what a waiting user needs to see.
+///
+/// The same type routes embedding calls over the `[embed]` servers ([`LlmGate::embedding`]):
+/// their own cells, no line and no pool-wide cap, the least busy server with a closed breaker.
 pub struct LlmGate {
     board: &'static Scoreboard,
     slot: &'static Slot,
@@ -570,6 +587,8 @@ pub struct LlmGate {
     max: u64,
     backends: Vec<BackendLimit>,
     breaker: BreakerPolicy,
+    /// Embedding servers rather than LLM servers: the other cells, and no pool-wide count.
+    embedding: bool,
 }
 
 impl LlmGate {
@@ -589,6 +608,21 @@ impl LlmGate {
             max: max as u64,
             backends,
             breaker,
+            embedding: false,
+        }
+    }
+
+    /// The router of `count` embedding servers: take a place with [`LlmGate::try_take`].
+    pub fn embedding(
+        board: &'static Scoreboard,
+        slot: &'static Slot,
+        count: usize,
+        breaker: BreakerPolicy,
+    ) -> LlmGate {
+        let backends = vec![BackendLimit { max_concurrent: 0 }; count.min(MAX_LLM_BACKENDS)];
+        LlmGate {
+            embedding: true,
+            ..LlmGate::new(board, slot, 0, backends, breaker)
         }
     }
 
@@ -597,7 +631,17 @@ impl LlmGate {
     }
 
     fn cells(&self, index: usize) -> &BackendCells {
-        &self.board.header().llm_backends[index]
+        match self.embedding {
+            false => &self.board.header().llm_backends[index],
+            true => &self.board.header().embed_backends[index],
+        }
+    }
+
+    fn held(&self, index: usize) -> &AtomicU64 {
+        match self.embedding {
+            false => &self.slot.llm_backend_held[index],
+            true => &self.slot.embed_backend_held[index],
+        }
     }
 
     /// Joins the line; returns the ticket.
@@ -616,16 +660,17 @@ impl LlmGate {
         self.admit(tried, true)
     }
 
-    /// A place taken now without a ticket (a short call that must not wait in line: the
-    /// rewrite of a follow-up); `release` it after [`Admit::Backend`].
-    pub fn try_take(&self) -> Admit {
-        self.admit(0, false)
+    /// A place on a backend not in `tried`, taken now without a ticket (a short call that
+    /// must not wait in line: the rewrite of a follow-up, an embedding call); `release` it
+    /// after [`Admit::Backend`].
+    pub fn try_take(&self, tried: u64) -> Admit {
+        self.admit(tried, false)
     }
 
     fn admit(&self, tried: u64, in_line: bool) -> Admit {
         let header = self.board.header();
         let mut active = header.llm_active.load(Ordering::Acquire);
-        loop {
+        while !self.embedding {
             if self.max > 0 && active >= self.max {
                 // Full, unless nothing could take it anyway.
                 return match self.candidates(tried).is_empty() {
@@ -646,8 +691,10 @@ impl LlmGate {
         let candidates = self.candidates(tried);
         for &(index, _) in &candidates {
             if self.take_place(index) {
-                self.slot.llm_held.fetch_add(1, Ordering::AcqRel);
-                self.slot.llm_backend_held[index].fetch_add(1, Ordering::AcqRel);
+                if !self.embedding {
+                    self.slot.llm_held.fetch_add(1, Ordering::AcqRel);
+                }
+                self.held(index).fetch_add(1, Ordering::AcqRel);
                 self.cells(index).admitted.fetch_add(1, Ordering::Relaxed);
                 if in_line {
                     self.leave_line();
@@ -655,7 +702,9 @@ impl LlmGate {
                 return Admit::Backend(index);
             }
         }
-        header.llm_active.fetch_sub(1, Ordering::AcqRel);
+        if !self.embedding {
+            header.llm_active.fetch_sub(1, Ordering::AcqRel);
+        }
         match candidates.is_empty() {
             true => Admit::Unavailable,
             false => Admit::Full,
@@ -810,8 +859,11 @@ impl LlmGate {
 
     /// Ends an admitted generation on `index`.
     pub fn release(&self, index: usize) {
-        self.slot.llm_backend_held[index].fetch_sub(1, Ordering::AcqRel);
+        self.held(index).fetch_sub(1, Ordering::AcqRel);
         self.cells(index).active.fetch_sub(1, Ordering::AcqRel);
+        if self.embedding {
+            return;
+        }
         self.slot.llm_held.fetch_sub(1, Ordering::AcqRel);
         self.board
             .header()
@@ -943,6 +995,24 @@ mod tests {
         board.retire_slot(1);
         let left = board.backend(0).active + board.backend(1).active;
         assert!(left < 6, "{left}");
+    }
+
+    #[test]
+    fn embedding_servers_have_their_own_cells_and_no_line() {
+        let board: &'static Scoreboard = Box::leak(Box::new(Scoreboard::new(1).unwrap()));
+        board.slot(0).claim(1);
+        let embed = LlmGate::embedding(board, board.slot(0), 2, POLICY);
+        assert_eq!(embed.try_take(0), Admit::Backend(0));
+        assert_eq!(embed.try_take(0), Admit::Backend(1), "the least busy");
+        assert_eq!(embed.active(), 0, "not counted as generations");
+        assert_eq!(board.backend(0).active, 0);
+        assert_eq!(board.embed_backend(0).active, 1);
+        embed.record_failure(1);
+        embed.record_failure(1);
+        embed.release(1);
+        assert_eq!(embed.try_take(0b01), Admit::Unavailable, "1 is ejected");
+        board.retire_slot(0);
+        assert_eq!(board.embed_backend(0).active, 0);
     }
 
     #[test]

@@ -220,31 +220,41 @@ pub fn render(status: &Value) -> String {
             (num(&w["rss_bytes"]) / (1024.0 * 1024.0)).round()
         );
     }
-    let backends = status["llm_backends"].as_array().into_iter().flatten();
-    for (i, b) in backends.enumerate() {
-        if i == 0 {
+    let llm = status["llm_backends"].as_array().into_iter().flatten();
+    let embed = status["embed_backends"].as_array().into_iter().flatten();
+    let mut header = false;
+    for (kind, b) in llm.map(|b| ("LLM", b)).chain(embed.map(|b| ("EMBED", b))) {
+        if !header {
+            header = true;
             let _ = writeln!(
                 out,
-                "\n{:>4} {:<9} {:>9} {:>4} {:>9} {:>7} {:>7}  {}",
-                "LLM", "STATE", "INFLIGHT", "MAX", "ANSWERS", "ERRORS", "EJECTED", "URL"
+                "\n{:>7} {:<9} {:>9} {:>4} {:>9} {:>7} {:>7}  {}",
+                "BACKEND", "STATE", "INFLIGHT", "MAX", "CALLS", "ERRORS", "EJECTED", "URL"
             );
         }
         let max = match b["max_concurrent"].as_u64() {
             Some(0) | None => "-".to_string(),
             Some(n) => n.to_string(),
         };
+        let calls = match kind {
+            "LLM" => &b["answers"],
+            _ => &b["calls"],
+        };
+        let model = match b["model"].as_str() {
+            Some(model) => format!(" ({model})"),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "{:>4} {:<9} {:>9} {:>4} {:>9} {:>7} {:>7}  {} ({})",
-            text(&b["backend"]),
+            "{:>7} {:<9} {:>9} {:>4} {:>9} {:>7} {:>7}  {}{model}",
+            format!("{kind} {}", text(&b["backend"])),
             text(&b["state"]),
             text(&b["in_flight"]),
             max,
-            text(&b["answers"]),
+            text(calls),
             text(&b["errors"]),
             text(&b["ejections"]),
             text(&b["url"]),
-            text(&b["model"])
         );
     }
     out
@@ -311,6 +321,10 @@ mod tests {
                  "in_flight": 3, "answers": 120, "errors": 0, "ejections": 0, "state": "closed"},
                 {"backend": 1, "url": "http://b:11434", "model": "llama3.2", "max_concurrent": 0,
                  "in_flight": 0, "answers": 7, "errors": 5, "ejections": 1, "state": "open"}
+            ],
+            "embed_backends": [
+                {"backend": 0, "url": "http://e:11434", "in_flight": 0, "calls": 42, "errors": 0,
+                 "ejections": 0, "state": "closed"}
             ]
         });
         let text = render(&status);
@@ -333,5 +347,14 @@ mod tests {
             "{closed}"
         );
         assert_eq!(header.find("URL"), closed.find("http"), "{text}");
+        let embed = text
+            .lines()
+            .find(|l| l.contains("http://e:11434"))
+            .expect(&text);
+        assert!(
+            embed.trim_start().starts_with("EMBED 0") && embed.contains("42"),
+            "{embed}"
+        );
+        assert_eq!(header.find("URL"), embed.find("http"), "{text}");
     }
 }

@@ -64,8 +64,11 @@ pub enum Provider {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbedConfig {
     pub provider: Provider,
-    /// Base URL, e.g. `http://127.0.0.1:11434`.
+    /// Base URL, e.g. `http://127.0.0.1:11434`: the first of `urls`.
     pub url: String,
+    /// Every embedding server, in config order: the same model on each (their vectors must
+    /// agree), so a call may go to any of them.
+    pub urls: Vec<String>,
     pub model: String,
     pub api_key: Option<String>,
     /// Expected vector size; 0 = take it from the first response. When set, it is also asked
@@ -240,14 +243,6 @@ fn is_go_duration(text: &str) -> bool {
     true
 }
 
-fn url(v: &Values, key: &Key) -> Result<String, ConfigError> {
-    let u = v.text_or_default(key);
-    if !(u.starts_with("http://") || u.starts_with("https://")) {
-        return Err(v.invalid(key, format!("\"{u}\" must start with http:// or https://")));
-    }
-    Ok(u.trim_end_matches('/').to_string())
-}
-
 /// The Qdrant URLs: at least one, each http(s).
 fn qdrant_urls(v: &Values) -> Result<Vec<String>, ConfigError> {
     let urls: Vec<&String> = v
@@ -319,9 +314,31 @@ pub fn default_store_threads() -> usize {
 }
 
 pub(super) fn embed(v: &Values) -> Result<EmbedConfig, ConfigError> {
+    let urls = v
+        .list(&EMBED_URL)
+        .iter()
+        .filter(|u| !u.trim().is_empty())
+        .map(|u| checked_url(v, &EMBED_URL, u))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(v.invalid(&EMBED_URL, "the list of embedding servers is empty"));
+    }
+    if urls.len() > MAX_LLM_BACKENDS {
+        return Err(v.invalid(
+            &EMBED_URL,
+            format!(
+                "{} embedding servers; at most {MAX_LLM_BACKENDS}",
+                urls.len()
+            ),
+        ));
+    }
     Ok(EmbedConfig {
         provider: provider(v, &EMBED_PROVIDER),
-        url: url(v, &EMBED_URL)?,
+        url: urls
+            .first()
+            .cloned()
+            .unwrap_or_else(|| OLLAMA_URL.to_string()),
+        urls,
         model: v.text_or_default(&EMBED_MODEL),
         api_key: v.optional(&EMBED_API_KEY),
         dimensions: v.int(&EMBED_DIMENSIONS) as usize,

@@ -172,7 +172,8 @@ keys! {
 
     EMBED_PROVIDER: "embed" "provider", Kind::Choice { default: "none", choices: PROVIDERS },
         "embedding API: `ollama` (`/api/embed`), `openai` (`/v1/embeddings`), or `none` (lexical retrieval only)";
-    EMBED_URL: "embed" "url", text(super::app::OLLAMA_URL), "base URL of the embedding server";
+    EMBED_URL: "embed" "url", Kind::List { default: &[super::app::OLLAMA_URL] },
+        "base URL of the embedding server, or a list of servers with the same model (each call goes to the least busy one with a closed breaker, and moves on when one fails)";
     EMBED_MODEL: "embed" "model", text("nomic-embed-text"), "embedding model";
     EMBED_API_KEY: "embed" "api_key", SECRET, "bearer token for the embedding server";
     EMBED_DIMENSIONS: "embed" "dimensions", int(0, 0, 65_536),

@@ -640,6 +640,10 @@ mod tests {
         assert_eq!(one.llm.backends[0].url, app::OLLAMA_URL);
         let none = parse("[llm]\nprovider = \"none\"\n").unwrap();
         assert!(none.llm.backends.is_empty());
+        let embed = parse("[embed]\nurl = [\"http://e1:1/\", \"http://e2:1\"]\n").unwrap();
+        assert_eq!(embed.embed.urls, ["http://e1:1", "http://e2:1"]);
+        assert_eq!(embed.embed.url, "http://e1:1");
+        assert_eq!(Config::default().embed.urls, [app::OLLAMA_URL]);
 
         let err = parse("[[llm.backend]]\nurl = \"http://a:1\"\nmax_concurent = 4\n")
             .unwrap_err()

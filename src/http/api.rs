@@ -47,6 +47,14 @@ pub struct Api {
 }
 
 impl Api {
+    /// The embedding servers `/metrics` and `/status` show (none when `[embed]` is off).
+    fn embed_urls(&self) -> &[String] {
+        match self.config.embed.provider {
+            crate::config::Provider::None => &[],
+            _ => &self.config.embed.urls,
+        }
+    }
+
     /// `client` is who sent the request (see [`super::forwarded`]), for the internal endpoints.
     pub async fn route(
         &self,
@@ -77,6 +85,7 @@ impl Api {
                 let mut response = Response::new(full(super::metrics::prometheus(
                     self.board,
                     &self.config.llm.backends,
+                    self.embed_urls(),
                     stats,
                     pending,
                 )));
@@ -93,6 +102,7 @@ impl Api {
                     &super::metrics::status(
                         self.board,
                         &self.config.llm.backends,
+                        self.embed_urls(),
                         self.config.path.as_deref(),
                     ),
                 ))

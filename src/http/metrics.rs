@@ -60,6 +60,7 @@ fn state_name(state: SlotState) -> &'static str {
 pub fn prometheus(
     board: &Scoreboard,
     llm: &[LlmBackend],
+    embed: &[String],
     store: Option<StoreStats>,
     pending_vectors: Option<u64>,
 ) -> String {
@@ -238,6 +239,7 @@ pub fn prometheus(
         );
     }
     llm_backends(&mut out, board, llm);
+    embed_backends(&mut out, board, embed);
     family(
         &mut out,
         "ragpool_feedback_total",
@@ -281,60 +283,77 @@ pub fn prometheus(
 
 /// Per LLM backend of the pool: answers running, admitted and failed, and its breaker.
 fn llm_backends(out: &mut String, board: &Scoreboard, llm: &[LlmBackend]) {
-    let families: [(&str, &str, &str, fn(&BackendView) -> u64); 5] = [
+    let urls: Vec<&str> = llm.iter().map(|b| b.url.as_str()).collect();
+    let views: Vec<BackendView> = (0..llm.len()).map(|i| board.backend(i)).collect();
+    backend_families(out, "llm", "LLM backend", "Answers", &urls, &views);
+}
+
+/// Per embedding server: calls running, made and failed, and its breaker.
+fn embed_backends(out: &mut String, board: &Scoreboard, embed: &[String]) {
+    let urls: Vec<&str> = embed.iter().map(String::as_str).collect();
+    let views: Vec<BackendView> = (0..embed.len()).map(|i| board.embed_backend(i)).collect();
+    backend_families(out, "embed", "embedding server", "Calls", &urls, &views);
+}
+
+/// `ragpool_{prefix}_backend_*`, one series per backend, labelled with its index and URL.
+fn backend_families(
+    out: &mut String,
+    prefix: &str,
+    what: &str,
+    unit: &str,
+    urls: &[&str],
+    views: &[BackendView],
+) {
+    let families: [(&str, &str, String, fn(&BackendView) -> u64); 5] = [
         (
-            "ragpool_llm_backend_in_flight",
+            "in_flight",
             "gauge",
-            "Answers generating on each LLM backend now (pool-wide).",
+            format!("{unit} running on each {what} now (pool-wide)."),
             |b| b.active,
         ),
         (
-            "ragpool_llm_backend_answers_total",
+            "answers_total",
             "counter",
-            "Answers sent to each LLM backend.",
+            format!("{unit} sent to each {what}."),
             |b| b.admitted,
         ),
         (
-            "ragpool_llm_backend_errors_total",
+            "errors_total",
             "counter",
-            "Answers that failed on each LLM backend (before or during the stream).",
+            format!("{unit} that failed on each {what} (and failed health probes)."),
             |b| b.failures,
         ),
         (
-            "ragpool_llm_backend_ejections_total",
+            "ejections_total",
             "counter",
-            "Times each LLM backend's circuit breaker opened.",
+            format!("Times each {what}'s circuit breaker opened."),
             |b| b.opened,
         ),
         (
-            "ragpool_llm_backend_up",
+            "up",
             "gauge",
-            "1 while the backend's circuit breaker is closed, 0 while open or half-open.",
+            format!("1 while the {what}'s circuit breaker is closed, 0 while open or half-open."),
             |b| u64::from(b.state == BreakerState::Closed),
         ),
     ];
-    let views: Vec<BackendView> = (0..llm.len()).map(|i| board.backend(i)).collect();
-    for (name, kind, help, value) in families {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}
-# TYPE {name} {kind}"
-        );
-        for (i, (backend, view)) in llm.iter().zip(&views).enumerate() {
+    for (suffix, kind, help, value) in families {
+        let name = format!("ragpool_{prefix}_backend_{suffix}");
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, (url, view)) in urls.iter().zip(views).enumerate() {
             let _ = writeln!(
                 out,
                 "{name}{{backend=\"{i}\",url=\"{}\"}} {}",
-                label(&backend.url),
+                label(url),
                 value(view)
             );
         }
     }
-    let name = "ragpool_llm_backend_state";
+    let name = format!("ragpool_{prefix}_backend_state");
     let _ = writeln!(
         out,
-        "# HELP {name} Each LLM backend's breaker: 1 for its current state.\n# TYPE {name} gauge"
+        "# HELP {name} Each {what}'s breaker: 1 for its current state.\n# TYPE {name} gauge"
     );
-    for (i, (backend, view)) in llm.iter().zip(&views).enumerate() {
+    for (i, (url, view)) in urls.iter().zip(views).enumerate() {
         for state in [
             BreakerState::Closed,
             BreakerState::Open,
@@ -343,7 +362,7 @@ fn llm_backends(out: &mut String, board: &Scoreboard, llm: &[LlmBackend]) {
             let _ = writeln!(
                 out,
                 "{name}{{backend=\"{i}\",url=\"{}\",state=\"{}\"}} {}",
-                label(&backend.url),
+                label(url),
                 state.name(),
                 u8::from(view.state == state)
             );
@@ -395,6 +414,7 @@ fn histogram(out: &mut String, name: &str, labels: &str, (buckets, sum_us): (&[u
 pub fn status(
     board: &Scoreboard,
     llm: &[LlmBackend],
+    embed: &[String],
     config_path: Option<&std::path::Path>,
 ) -> Value {
     let (totals, workers) = board.snapshot();
@@ -428,5 +448,17 @@ pub fn status(
             "rss_bytes": w.rss_bytes,
         })).collect::<Vec<_>>(),
         "llm_backends": llm_status(board, llm),
+        "embed_backends": embed.iter().enumerate().map(|(i, url)| {
+            let view = board.embed_backend(i);
+            json!({
+                "backend": i,
+                "url": url,
+                "in_flight": view.active,
+                "calls": view.admitted,
+                "errors": view.failures,
+                "ejections": view.opened,
+                "state": view.state.name(),
+            })
+        }).collect::<Vec<_>>(),
     })
 }

@@ -67,6 +67,15 @@ impl App {
             let gate = LlmGate::new(board, slot, config.llm.max_concurrent, limits, breaker);
             rag.set_gate(Box::new(gate));
         }
+        if config.embed.provider != crate::config::Provider::None {
+            let breaker = crate::scoreboard::BreakerPolicy {
+                failures: u64::from(config.llm.breaker_failures),
+                cooldown_ms: config.llm.breaker_cooldown.as_millis() as u64,
+            };
+            let count = config.embed.urls.len();
+            let gate = crate::scoreboard::LlmGate::embedding(board, slot, count, breaker);
+            rag.set_embed_gate(Box::new(gate));
+        }
         let rag = Rc::new(rag);
         tokio::task::spawn_local(Rc::clone(&rag).run_backend_probes());
         Ok(App {
@@ -115,8 +124,8 @@ impl crate::rag::engine::GenerationGate for crate::scoreboard::LlmGate {
             S::Unavailable => A::Unavailable,
         }
     }
-    fn try_take(&self) -> Option<usize> {
-        match crate::scoreboard::LlmGate::try_take(self) {
+    fn try_take(&self, tried: u64) -> Option<usize> {
+        match crate::scoreboard::LlmGate::try_take(self, tried) {
             crate::scoreboard::Admit::Backend(index) => Some(index),
             _ => None,
         }

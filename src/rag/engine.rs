@@ -262,7 +262,10 @@ pub struct Rag {
     store: Store,
     /// Parses uploads and files: HTML and PDF in a sandboxed helper process.
     extractor: Extractor,
-    embedder: Option<Embedder>,
+    /// The embedding servers (`[embed] url`, one model), in config order; empty = none.
+    embedders: Vec<Embedder>,
+    /// Routes embedding calls over `embedders` with a breaker each, when the caller set one.
+    embed_gate: Option<Box<dyn GenerationGate>>,
     /// `[embed] languages`: the question languages the dense list is trusted for (empty: all).
     embed_languages: Vec<Language>,
     /// The LLM servers answers go to (`[[llm.backend]]`), in config order; empty = none.
@@ -288,7 +291,7 @@ pub struct Rag {
 impl Rag {
     pub async fn open(config: &Config) -> Result<Rag, RagError> {
         let store = Store::open(&config.store).await?;
-        let embedder = Embedder::new(&config.embed).map_err(|source| RagError::Client {
+        let embedders = Embedder::pool(&config.embed).map_err(|source| RagError::Client {
             what: "embedding",
             source,
         })?;
@@ -299,7 +302,8 @@ impl Rag {
         Ok(Rag {
             store,
             extractor: Extractor::sandboxed(extract_limits(&config.rag)),
-            embedder,
+            embedders,
+            embed_gate: None,
             embed_languages: config.embed.languages.clone(),
             generators,
             stems: Stems::default(),
@@ -323,14 +327,85 @@ impl Rag {
         self.gate = Some(gate);
     }
 
+    /// Routes embedding calls over the embedding servers, a breaker each (no line, no caps).
+    pub fn set_embed_gate(&mut self, gate: Box<dyn GenerationGate>) {
+        self.embed_gate = Some(gate);
+    }
+
+    /// Vectors from the least busy embedding server with a closed breaker; a server that is
+    /// down or lacks the model is counted against its breaker and the call moves to another
+    /// (an embedding is idempotent). Other errors (wrong vector size) end the call.
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, LlmError> {
+        let mut tried: u64 = 0;
+        let mut last_error = None;
+        loop {
+            let index = match &self.embed_gate {
+                None => (0..self.embedders.len()).find(|i| tried & (1 << i) == 0),
+                Some(gate) => gate.try_take(tried),
+            };
+            let Some(index) = index else { break };
+            tried |= 1 << index;
+            let _place = Admission {
+                gate: self.embed_gate.as_deref(),
+                index,
+            };
+            let embedder = &self.embedders[index];
+            match embedder.embed(texts).await {
+                Ok(vectors) => {
+                    if let Some(gate) = &self.embed_gate {
+                        gate.record(index, true);
+                    }
+                    return Ok(vectors);
+                }
+                Err(e) if e.is_unavailable() || e.missing_model().is_some() => {
+                    log::warn!("embedding server {index} failed: {e}");
+                    if let Some(gate) = &self.embed_gate {
+                        if gate.record(index, false) {
+                            log::warn!(
+                                "embedding server {index} ({}) ejected: its breaker is open",
+                                embedder.url()
+                            );
+                        }
+                    }
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or(LlmError::NoBackend))
+    }
+
     /// Runs for the worker's life: every [`PROBE_INTERVAL`], each backend whose breaker is
     /// open and cooled down (claimed by one worker of the pool) gets a health probe, its model
     /// check; when it passes, answers may try the backend again (one at a time until one
     /// succeeds). Without a gate there is no breaker and this returns at once.
     pub async fn run_backend_probes(self: std::rc::Rc<Self>) {
-        let Some(gate) = &self.gate else { return };
+        if self.gate.is_none() && self.embed_gate.is_none() {
+            return;
+        }
         loop {
             tokio::time::sleep(PROBE_INTERVAL).await;
+            if let Some(gate) = &self.embed_gate {
+                for (index, embedder) in self.embedders.iter().enumerate() {
+                    if !gate.claim_probe(index) {
+                        continue;
+                    }
+                    match embedder.check_model(EMBED_CHECK_TIMEOUT).await {
+                        Ok(()) => {
+                            log::info!(
+                                "embedding server {index} ({}) answers its health probe: on trial",
+                                embedder.url()
+                            );
+                            gate.probe_passed(index);
+                        }
+                        Err(e) => {
+                            log::info!("embedding server {index} still ejected: {e}");
+                            gate.record(index, false);
+                        }
+                    }
+                }
+            }
+            let Some(gate) = &self.gate else { continue };
             for (index, generator) in self.generators.iter().enumerate() {
                 if !gate.claim_probe(index) {
                     continue;
@@ -452,7 +527,7 @@ impl Rag {
         let unchanged = match stored.as_deref() {
             Some(h) if h == hash => true,
             // Stored without vectors: unchanged only while there is no model to fill them in.
-            Some(h) => self.embedder.is_none() && h.strip_prefix(PENDING_VECTORS) == Some(&hash),
+            Some(h) => self.embedders.is_empty() && h.strip_prefix(PENDING_VECTORS) == Some(&hash),
             None => false,
         };
         if unchanged {
@@ -472,9 +547,9 @@ impl Rag {
         if pieces.is_empty() {
             return Err(RagError::Empty(doc.source));
         }
-        let (embeddings, content_hash) = match &self.embedder {
-            None => (None, hash),
-            Some(embedder) => match embedder.embed(&pieces).await {
+        let (embeddings, content_hash) = match self.embedders.is_empty() {
+            true => (None, hash),
+            false => match self.embed(&pieces).await {
                 Ok(vectors) => (Some(vectors), hash),
                 // Still stored for lexical search; the vectors are filled in later.
                 Err(e) => {
@@ -510,7 +585,7 @@ impl Rag {
 
     /// Documents stored without vectors, waiting for them (0 without an embedding model).
     pub async fn pending_vectors(&self) -> Result<u64, RagError> {
-        if self.embedder.is_none() {
+        if self.embedders.is_empty() {
             return Ok(0);
         }
         let documents = self.store.list_documents().await?;
@@ -523,7 +598,7 @@ impl Rag {
     /// [`Rag::pending_vectors`] at most once per [`PENDING_STATUS_TTL`] (it lists every
     /// document), for `/health` and `/metrics`; `None` without an embedding model.
     pub async fn pending_vectors_cached(&self) -> Option<u64> {
-        self.embedder.as_ref()?;
+        self.embedders.first()?;
         self.pending_probe
             .get_or_refresh(|| async { self.pending_vectors().await.ok() })
             .await
@@ -533,7 +608,7 @@ impl Rag {
     /// (filled, still waiting). A document that is not a readable file (an HTTP upload) waits
     /// until it is uploaded again. Nothing to do without an embedding model.
     pub async fn fill_missing_vectors(&self) -> Result<(usize, usize), RagError> {
-        if self.embedder.is_none() {
+        if self.embedders.is_empty() {
             return Ok((0, 0));
         }
         let pending: Vec<String> = self
@@ -615,9 +690,9 @@ impl Rag {
                 weight: LEXICAL_WEIGHT,
             });
         }
-        if let (Some(embedder), true) = (&self.embedder, use_lists != Lists::Lexical) {
+        if !self.embedders.is_empty() && use_lists != Lists::Lexical {
             let embed_started = Instant::now();
-            match embedder.embed(&[question.to_string()]).await {
+            match self.embed(&[question.to_string()]).await {
                 Ok(mut vectors) if !vectors.is_empty() => {
                     timings.embed_ms = ms(embed_started.elapsed());
                     let vector = vectors.swap_remove(0);
@@ -957,7 +1032,7 @@ impl Rag {
                 gate: None,
                 index: 0,
             }),
-            Some(gate) => gate.try_take().map(|index| Admission {
+            Some(gate) => gate.try_take(0).map(|index| Admission {
                 gate: Some(gate.as_ref()),
                 index,
             }),
@@ -1056,7 +1131,7 @@ impl Rag {
                 ComponentHealth::of(result, Some(generator.model()))
             }
         };
-        let (embed, pending_vectors) = match &self.embedder {
+        let (embed, pending_vectors) = match self.embedders.first() {
             None => (
                 ComponentHealth {
                     status: "none",
@@ -1069,10 +1144,17 @@ impl Rag {
                 let result = self
                     .embed_probe
                     .get_or_refresh(|| async {
-                        embedder
-                            .check_model(EMBED_CHECK_TIMEOUT)
-                            .await
-                            .map_err(|e| e.to_string())
+                        // Up while any server of the pool is: the first that answers.
+                        let mut first_error = None;
+                        for embedder in &self.embedders {
+                            match embedder.check_model(EMBED_CHECK_TIMEOUT).await {
+                                Ok(()) => return Ok(()),
+                                Err(e) => {
+                                    first_error.get_or_insert_with(|| e.to_string());
+                                }
+                            }
+                        }
+                        Err(first_error.unwrap_or_default())
                     })
                     .await;
                 let pending = self.pending_vectors_cached().await;
@@ -1144,7 +1226,7 @@ pub trait GenerationGate {
     /// A place on a backend not in `tried` (a bit per backend index), if one is free now.
     fn try_admit(&self, tried: u64) -> Admit;
     /// A free place now, without waiting in line (then `release` it), for a short call.
-    fn try_take(&self) -> Option<usize>;
+    fn try_take(&self, tried: u64) -> Option<usize>;
     /// The ticket's place in line, 1 = next.
     fn position(&self, ticket: u64) -> u64;
     /// Leaves the line without starting.

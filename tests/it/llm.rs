@@ -54,6 +54,7 @@ fn embed_config(provider: Provider, url: &str) -> EmbedConfig {
     EmbedConfig {
         provider,
         url: url.to_string(),
+        urls: vec![url.to_string()],
         model: "nomic-embed-text".into(),
         api_key: None,
         dimensions: 0,

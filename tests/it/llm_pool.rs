@@ -347,3 +347,68 @@ fn a_backend_that_dies_costs_at_most_its_answers_in_flight() {
         count(&outcomes, Outcome::Generated)
     );
 }
+
+#[test]
+fn embedding_calls_move_off_a_dead_embedding_server_and_come_back_to_it() {
+    let e1 = FakeOllama::start();
+    let e2 = FakeOllama::start();
+    let e1_port = e1.addr().port();
+    let config = format!(
+        "workers = 2\nbind = [\"127.0.0.1:0\"]\naccesslog = \"\"\nadmin_token = \"t\"\n\
+         [store]\npath = \"{{dir}}/data\"\n\
+         [rag]\ningest_docs_on_first_run = false\n\
+         [llm]\nprovider = \"none\"\nbreaker_failures = 2\nbreaker_cooldown = 1\n\
+         [embed]\nprovider = \"ollama\"\nmodel = \"nomic-embed-text\"\nurl = [\"{}\", \"{}\"]\n",
+        e1.url(),
+        e2.url()
+    );
+    let server = ServerProcess::start(&config);
+    let addr = server.addr();
+    seed(&addr);
+    for i in 0..10 {
+        assert_eq!(ask_stream(&addr, i), Outcome::Extractive);
+    }
+    let (c1, c2) = (e1.counters(), e2.counters());
+    assert!(
+        c1.embed_requests >= 3 && c2.embed_requests >= 3,
+        "both servers embed: {c1:?} {c2:?}"
+    );
+
+    drop(e1);
+    let before = e2.counters().embed_requests;
+    for i in 0..20 {
+        assert_eq!(ask_stream(&addr, i), Outcome::Extractive);
+    }
+    http::add_document(
+        &addr,
+        "Drain",
+        "# Drain\n\nTERM drains the workers gracefully.",
+    );
+    assert!(
+        e2.counters().embed_requests >= before + 21,
+        "every question and the upload embedded on the live server: {:?}",
+        e2.counters()
+    );
+    let health = http::get(&addr, "/health").unwrap().json();
+    assert_eq!(health["store"]["pending_vectors"], 0, "{health}");
+    let dead = status(&addr)["embed_backends"][0].clone();
+    assert_eq!(dead["state"], "open", "{dead}");
+    let errors = dead["errors"].as_u64().unwrap();
+    assert!(errors >= 2, "{dead}");
+
+    let e1 = FakeOllama::on_port(FakeOptions::default(), e1_port);
+    let back = wait_until(BOUND, || {
+        ask_stream(&addr, 0);
+        e1.counters().embed_requests > 0 && status(&addr)["embed_backends"][0]["state"] == "closed"
+    });
+    assert!(back, "{}", status(&addr)["embed_backends"]);
+    let metrics = http::get(&addr, "/metrics").unwrap().body;
+    assert!(
+        metrics.contains("ragpool_embed_backend_ejections_total{backend=\"0\""),
+        "{metrics}"
+    );
+    eprintln!(
+        "embed pool: one of two embedding servers killed: 21 calls after it, 0 without vectors \
+         ({errors} failed tries moved to the other); it took calls again once back"
+    );
+}

@@ -66,10 +66,24 @@ impl Embedder {
     /// The configured embedder, or `None` when `[embed] provider = "none"` (lexical retrieval).
     /// Connects lazily: an unreachable server is reported by the first [`Embedder::embed`].
     pub fn new(config: &EmbedConfig) -> Result<Option<Embedder>, LlmError> {
+        Embedder::for_url(config, &config.url)
+    }
+
+    /// One embedder per server of `[embed] url` (all with the same model); empty when
+    /// `provider = "none"`.
+    pub fn pool(config: &EmbedConfig) -> Result<Vec<Embedder>, LlmError> {
+        let mut pool = Vec::with_capacity(config.urls.len());
+        for url in &config.urls {
+            pool.extend(Embedder::for_url(config, url)?);
+        }
+        Ok(pool)
+    }
+
+    fn for_url(config: &EmbedConfig, url: &str) -> Result<Option<Embedder>, LlmError> {
         let client = |config: &EmbedConfig| -> Result<EmbedClient, LlmError> {
             Ok(EmbedClient {
                 endpoint: Endpoint::new(
-                    &config.url,
+                    url,
                     config.api_key.as_deref(),
                     EMBED_CONNECT_TIMEOUT.min(config.timeout),
                 )?,
@@ -89,6 +103,11 @@ impl Embedder {
 
     pub fn model(&self) -> &str {
         &self.client().model
+    }
+
+    /// The server's base URL (for logs).
+    pub fn url(&self) -> String {
+        self.client().endpoint.url("")
     }
 
     /// The vector size, once configured or seen.
@@ -281,6 +300,7 @@ mod tests {
         EmbedConfig {
             provider,
             url: "http://127.0.0.1:9".into(),
+            urls: vec!["http://127.0.0.1:9".into()],
             model: "m".into(),
             api_key: None,
             dimensions: 3,
