@@ -8,7 +8,7 @@
 #
 # Knobs (environment variables, all optional; same names as benches/load.sh):
 #   BENCH_DURATION=10s   wrk duration of each measured run
-#   BENCH_ROUNDS=3       rounds; each round measures both instances
+#   BENCH_ROUNDS=5       rounds; each round measures both instances
 #   BENCH_WARMUP=2s      wrk warm-up per instance before the first round (not measured)
 #   BENCH_CONNECTIONS=64 wrk -c
 #   BENCH_THREADS=2      wrk -t
@@ -27,7 +27,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 DURATION="${BENCH_DURATION:-10s}"
-ROUNDS="${BENCH_ROUNDS:-3}"
+ROUNDS="${BENCH_ROUNDS:-5}"
 WARMUP="${BENCH_WARMUP:-2s}"
 CONNECTIONS="${BENCH_CONNECTIONS:-64}"
 THREADS="${BENCH_THREADS:-2}"
