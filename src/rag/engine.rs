@@ -688,6 +688,7 @@ impl Rag {
             lists.push(Weighted {
                 hits,
                 weight: LEXICAL_WEIGHT,
+                decay: rank::LEXICAL_DECAY,
             });
         }
         if !self.embedders.is_empty() && use_lists != Lists::Lexical {
@@ -700,6 +701,7 @@ impl Rag {
                     lists.push(Weighted {
                         hits,
                         weight: self.dense_weight(language, use_lists),
+                        decay: rank::DENSE_DECAY,
                     });
                 }
                 Ok(_) => {}
@@ -710,7 +712,7 @@ impl Rag {
         }
         let hits = match lists.len() {
             0 => Vec::new(),
-            1 => rank::rank_one(&lists[0].hits, k),
+            1 => rank::rank_one(&lists[0], k),
             _ => rank::fuse(&lists, k),
         };
         timings.retrieve_ms = ms(started.elapsed());

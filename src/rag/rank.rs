@@ -5,9 +5,11 @@
 //! decided from all its chunks there:
 //!
 //! - **Per document.** A document's score in one list is its best chunk's score plus a
-//!   [`CHUNK_DECAY`]-weighted share of its next ones (`s1 + 0.1 s2 + 0.01 s3 ...`), so a long
-//!   answer split into several chunks is not beaten by one chunk of another page, and one
-//!   document never takes several of the `k` places (`k` counts documents).
+//!   decayed share of its next ones (`s1 + d s2 + d² s3 ...`; lexical [`LEXICAL_DECAY`]), so a
+//!   long answer split into several chunks is not beaten by one chunk of another page, and one
+//!   document never takes several of the `k` places (`k` counts documents). Dense lists use
+//!   the best chunk alone ([`DENSE_DECAY`]): a cosine similarity has no zero (every chunk is
+//!   somewhat like every question, e5's all sit near 0.8), so summing rewards long documents.
 //! - **Same language first (lexical).** A chunk in the other script than the question's counts
 //!   [`OTHER_LANGUAGE`] of its score: in a bilingual store, a translation shares the original's
 //!   commands and option names, and the original should win for a question in its language.
@@ -29,8 +31,11 @@ use super::Hit;
 
 /// Reciprocal rank fusion's damping constant (Cormack et al. use 60).
 pub const RRF_K: f32 = 60.0;
-/// Weight of a document's 2nd, 3rd... best chunk relative to the one before it.
-pub const CHUNK_DECAY: f32 = 0.1;
+/// Lexical lists: weight of a document's 2nd, 3rd... best chunk relative to the one before it
+/// (BM25 is 0 for a chunk without a query term, so the sum measures more evidence).
+pub const LEXICAL_DECAY: f32 = 0.1;
+/// Dense lists: the best chunk alone (see the module doc).
+pub const DENSE_DECAY: f32 = 0.0;
 /// Share of its lexical score a chunk in the other language than the question's keeps.
 pub const OTHER_LANGUAGE: f32 = 0.9;
 /// Fewest chunks asked of each list, whatever `k`.
@@ -43,10 +48,12 @@ pub fn candidates(k: usize) -> usize {
     (k * CANDIDATES_PER_RESULT).max(MIN_CANDIDATES)
 }
 
-/// One result list with its weight in the fusion (0 = ignored).
+/// One result list with its weight in the fusion (0 = ignored) and how its chunks add up
+/// per document (`decay`, see the module doc).
 pub struct Weighted {
     pub hits: Vec<Hit>,
     pub weight: f32,
+    pub decay: f32,
 }
 
 /// Best first; ties by document id, then position: a total order, the same on every call.
@@ -59,7 +66,7 @@ fn by_score(a: &Hit, b: &Hit) -> Ordering {
 
 /// One list's documents, best first: each document's best chunk as its passage, with the
 /// document's aggregated score.
-pub fn documents(list: &[Hit]) -> Vec<Hit> {
+pub fn documents(list: &[Hit], decay: f32) -> Vec<Hit> {
     let mut chunks: Vec<&Hit> = list.iter().collect();
     chunks.sort_by(|a, b| by_score(a, b));
     // document id -> (its best chunk, aggregated score, chunks seen).
@@ -67,7 +74,7 @@ pub fn documents(list: &[Hit]) -> Vec<Hit> {
     for hit in chunks {
         docs.entry(hit.document_id.as_str())
             .and_modify(|(_, score, seen)| {
-                *score += CHUNK_DECAY.powi(*seen) * hit.score.max(0.0);
+                *score += decay.powi(*seen) * hit.score.max(0.0);
                 *seen += 1;
             })
             .or_insert((hit, hit.score, 1));
@@ -93,8 +100,8 @@ pub fn prefer_language(list: &mut [Hit], language: Language) {
 }
 
 /// The top `k` documents of one list (see the module doc).
-pub fn rank_one(list: &[Hit], k: usize) -> Vec<Hit> {
-    let mut docs = documents(list);
+pub fn rank_one(list: &Weighted, k: usize) -> Vec<Hit> {
+    let mut docs = documents(&list.hits, list.decay);
     docs.truncate(k);
     docs
 }
@@ -106,7 +113,7 @@ pub fn fuse(lists: &[Weighted], k: usize) -> Vec<Hit> {
     let mut doc_scores: BTreeMap<String, f32> = BTreeMap::new();
     let mut chunk_scores: BTreeMap<(String, usize), (f32, &Hit)> = BTreeMap::new();
     for list in lists.iter().filter(|l| l.weight > 0.0) {
-        for (rank, doc) in documents(&list.hits).iter().enumerate() {
+        for (rank, doc) in documents(&list.hits, list.decay).iter().enumerate() {
             *doc_scores.entry(doc.document_id.clone()).or_default() +=
                 list.weight / (RRF_K + rank as f32 + 1.0);
         }
@@ -158,6 +165,29 @@ mod tests {
         }
     }
 
+    fn lexical(hits: &[Hit]) -> Weighted {
+        Weighted {
+            hits: hits.to_vec(),
+            weight: 1.0,
+            decay: LEXICAL_DECAY,
+        }
+    }
+
+    #[test]
+    fn dense_documents_are_their_best_chunk() {
+        let list = vec![
+            hit("one", 0, 0.84),
+            hit("long", 0, 0.83),
+            hit("long", 1, 0.82),
+        ];
+        let dense = Weighted {
+            hits: list,
+            weight: 1.0,
+            decay: DENSE_DECAY,
+        };
+        assert_eq!(rank_one(&dense, 1)[0].document_id, "one");
+    }
+
     fn ids(hits: &[Hit]) -> Vec<(&str, usize)> {
         hits.iter()
             .map(|h| (h.document_id.as_str(), h.position))
@@ -173,7 +203,7 @@ mod tests {
             hit("b", 0, 6.0),
             hit("c", 5, 5.0),
         ];
-        let top = rank_one(&list, 2);
+        let top = rank_one(&lexical(&list), 2);
         assert_eq!(ids(&top), vec![("a", 3), ("b", 0)]);
     }
 
@@ -184,7 +214,7 @@ mod tests {
             hit("long", 0, 9.5),
             hit("long", 1, 9.0),
         ];
-        let top = rank_one(&list, 2);
+        let top = rank_one(&lexical(&list), 2);
         assert_eq!(top[0].document_id, "long");
         assert!((top[0].score - (9.5 + 0.9)).abs() < 1e-4);
     }
@@ -198,10 +228,12 @@ mod tests {
                 Weighted {
                     hits: lexical.clone(),
                     weight: 1.0,
+                    decay: LEXICAL_DECAY,
                 },
                 Weighted {
                     hits: dense.clone(),
                     weight: 1.0,
+                    decay: LEXICAL_DECAY,
                 },
             ],
             3,
@@ -214,10 +246,12 @@ mod tests {
                 Weighted {
                     hits: lexical.clone(),
                     weight: 1.0,
+                    decay: LEXICAL_DECAY,
                 },
                 Weighted {
                     hits: dense,
                     weight: 0.0,
+                    decay: LEXICAL_DECAY,
                 },
             ],
             3,
@@ -234,10 +268,12 @@ mod tests {
                 Weighted {
                     hits: lexical,
                     weight: 1.0,
+                    decay: LEXICAL_DECAY,
                 },
                 Weighted {
                     hits: dense,
                     weight: 2.0,
+                    decay: LEXICAL_DECAY,
                 },
             ],
             1,
@@ -260,16 +296,24 @@ mod tests {
                 Weighted {
                     hits: hits.clone(),
                     weight: 1.0,
+                    decay: LEXICAL_DECAY,
                 },
-                Weighted { hits, weight: 0.5 },
+                Weighted {
+                    hits,
+                    weight: 0.5,
+                    decay: LEXICAL_DECAY,
+                },
             ]
         };
         let first = fuse(&weighted(list.clone()), 5);
         for _ in 0..20 {
             assert_eq!(fuse(&weighted(list.clone()), 5), first);
         }
-        assert_eq!(rank_one(&list, 5), rank_one(&reversed, 5));
-        let ranked = rank_one(&list, 5);
+        assert_eq!(
+            rank_one(&lexical(&list), 5),
+            rank_one(&lexical(&reversed), 5)
+        );
+        let ranked = rank_one(&lexical(&list), 5);
         let order: Vec<&str> = ranked.iter().map(|h| h.document_id.as_str()).collect();
         assert_eq!(order, vec!["a", "c", "m", "q", "x"]);
     }
@@ -287,7 +331,7 @@ mod tests {
             },
         ];
         prefer_language(&mut list, Language::English);
-        assert_eq!(rank_one(&list, 1)[0].document_id, "en");
+        assert_eq!(rank_one(&lexical(&list), 1)[0].document_id, "en");
         assert_eq!(list[1].score, 9.5);
     }
 }
