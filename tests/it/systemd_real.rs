@@ -34,6 +34,11 @@ const BOUND: Duration = Duration::from_secs(60);
 /// would otherwise drop the very lines the test looks for.
 const LOAD_PAUSE: Duration = Duration::from_millis(20);
 
+/// One line of the closing note's figures (`cargo test -- --nocapture`).
+fn check(what: &str) {
+    eprintln!("systemd_real check | {what}");
+}
+
 /// Returns `None` after printing why, or panics when the test is required.
 fn unavailable(reason: &str) -> Option<Container> {
     if std::env::var(REQUIRE).as_deref() == Ok("1") {
@@ -364,18 +369,25 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     let health: serde_json::Value = serde_json::from_str(&via_nginx).unwrap_or_else(|e| {
         panic!("nginx did not answer with ragpool's /health ({e}): {via_nginx}")
     });
+    let mut documents = 0;
     assert!(
         wait_until(BOUND, || {
             let h: serde_json::Value =
                 serde_json::from_str(&c.ok("curl -s -m 10 http://127.0.0.1/health"))
                     .unwrap_or_default();
-            h["store"]["documents"].as_u64().unwrap_or(0) > 0
+            documents = h["store"]["documents"].as_u64().unwrap_or(0);
+            documents > 0
         }),
         "the store stayed empty: docs_dir was not found\n{health}\n{}",
         c.tail()
     );
     let security = c.ok("systemd-analyze security ragpool.service | tail -1");
     eprintln!("systemd_real: {}", security.trim());
+    check(&format!(
+        "install per the README's guide: active after {:?}, WatchdogUSec=4s, nginx :80 answers \
+         ragpool's /health, {documents} documents ingested from docs_dir",
+        started.elapsed()
+    ));
 
     // ----- 20 reloads under load: each `systemctl reload` returns once the new generation
     // serves (the generation /status reports is already the new one) -------------------------
@@ -402,6 +414,15 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     assert!(c
         .show("StatusText")
         .contains(&format!("generation {}", first_generation + 20)));
+    check(&format!(
+        "20 x systemctl reload under load: each returned with its generation serving \
+         (generation {first_generation} -> {}), median {:?}, max {:?}; requests so far {} ok, {} failed",
+        first_generation + 20,
+        median(&mut reload_times.clone()),
+        reload_times.iter().max().unwrap(),
+        load.ok(),
+        load.failed()
+    ));
 
     // ----- a broken config: `systemctl reload` fails, the service is untouched -------------
     // Once the last reload's old generation has drained.
@@ -410,7 +431,9 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     }));
     let (pid, workers, generation) = (c.main_pid(), c.workers(), c.status()["generation"].clone());
     c.ok("cp -a /etc/ragpool/workers.toml /root/workers.toml.good && echo 'no_such_key = 1' >> /etc/ragpool/workers.toml");
+    let t = Instant::now();
     let rejected = c.sh("systemctl reload ragpool");
+    let rejected_after = t.elapsed();
     assert!(
         !rejected.status.success(),
         "a rejected config reported success"
@@ -421,12 +444,21 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     assert_eq!(c.main_pid(), pid, "{}", c.tail());
     assert_eq!(c.workers(), workers, "the running workers are untouched");
     assert_eq!(c.status()["generation"], generation);
+    check(&format!(
+        "broken config: systemctl reload failed ({}) after {rejected_after:?}, \"Reload rejected\" \
+         naming the key in the journal; MainPID {pid}, workers {workers:?}, generation {generation} \
+         unchanged; requests so far {} ok, {} failed",
+        rejected.status,
+        load.ok(),
+        load.failed()
+    ));
     c.ok("cp -a /root/workers.toml.good /etc/ragpool/workers.toml");
 
     // ----- three binary upgrades: systemd follows the new master, which is its child and pets
     // the watchdog; the socket stays systemd's ----------------------------------------------
     c.ok("cp /root/ragpool/target/release/ragpool /usr/local/bin/ragpool.new && mv -f /usr/local/bin/ragpool.new /usr/local/bin/ragpool");
     let mut upgrade_times = Vec::new();
+    let mut main_pids = vec![c.main_pid()];
     for n in 1..=3 {
         let old = c.main_pid();
         let t = Instant::now();
@@ -441,6 +473,7 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
             c.tail()
         );
         upgrade_times.push(t.elapsed());
+        main_pids.push(new);
         let parent = c.ok(&format!("awk '/^PPid/ {{print $2}}' /proc/{new}/status"));
         assert_eq!(
             parent.trim(),
@@ -471,6 +504,19 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
         "bind was not used: {journal}"
     );
     let report = load.stop();
+    check(&format!(
+        "3 x USR2 under load: MainPID {main_pids:?}, each new master systemd's child (PPid 1), \
+         the socket kept, taking over in median {:?} (max {:?}); {:?} idle after: NRestarts 0, \
+         no \"Watchdog timeout\", no \"not our child\", 127.0.0.1:8000 never bound",
+        median(&mut upgrade_times.clone()),
+        upgrade_times.iter().max().unwrap(),
+        2 * WATCHDOG + Duration::from_secs(1)
+    ));
+    check(&format!(
+        "load through the reloads, the rejected reload and the upgrades: {} ok ({} through nginx, \
+         {} through /run/ragpool.sock), {} failed",
+        report.ok, report.ok_by_probe[0], report.ok_by_probe[1], report.failed
+    ));
     assert_eq!(report.failed, 0, "{report:?}");
     eprintln!(
         "systemd_real: 20 reloads (median {:?}, max {:?}), 3 upgrades (median {:?}): {} requests, {} failed",
@@ -486,6 +532,7 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     slow.set_read_timeout(Some(BOUND)).unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n")
         .unwrap();
+    let stopping = Instant::now();
     let mut stop = Command::new("timeout")
         .args(["120", "nsenter", "-t", &c.leader.to_string(), "-a"])
         .args(["systemctl", "stop", "ragpool.service"])
@@ -501,6 +548,11 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     assert_eq!(c.show("Result"), "success", "{}", c.tail());
     let manager = c.ok("journalctl -o cat --no-pager _PID=1");
     assert!(!manager.contains("SIGKILL"), "{manager}");
+    check(&format!(
+        "systemctl stop with a request in flight: the request got 200, the stop returned after \
+         {:?}, Result=success, no SIGKILL in the manager's journal",
+        stopping.elapsed()
+    ));
 
     // ----- restart under load with the socket held: no refused connection ----------------
     c.ok("systemctl start ragpool");
@@ -512,11 +564,12 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
         "no progress after restart"
     );
     let report = load.stop();
+    check(&format!(
+        "systemctl restart under load, the socket held by systemd: {} ok ({} through nginx, {} \
+         through the socket), {} failed",
+        report.ok, report.ok_by_probe[0], report.ok_by_probe[1], report.failed
+    ));
     assert_eq!(report.failed, 0, "{report:?}");
-    eprintln!(
-        "systemd_real: restart under load: {} requests, {} failed",
-        report.ok, report.failed
-    );
 
     // ----- logrotate + USR1: the access log is reopened ------------------------------------
     // (and recycling by max_requests, checked under the hardened unit further down)
@@ -547,6 +600,7 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     assert!(!std::fs::read_to_string(&rotated)
         .unwrap()
         .contains("after-rotation"));
+    check("logrotate -f: access.log rotated to access.log.1, USR1 logged (\"reopening log files\"), the next request in the new access.log only");
 
     // ----- recycling under the sandbox: workers replaced after max_requests, none failed -----
     let load = c.load();
@@ -560,6 +614,12 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
         c.tail()
     );
     let report = load.stop();
+    check(&format!(
+        "recycling (max_requests = 100) under the hardened unit: {} workers recycled, {} ok, {} failed",
+        c.journal("").matches("(max_requests); recycling").count(),
+        report.ok,
+        report.failed
+    ));
     assert_eq!(report.failed, 0, "{report:?}");
 
     // ----- a frozen master stops petting the watchdog: systemd restarts the service -------
@@ -585,6 +645,16 @@ fn under_systemd_252_reloads_upgrades_restarts_and_logs_behave_as_the_guide_says
     assert!(warnings.contains("the reload failed"), "{warnings}");
     assert!(!warnings.contains("are serving"), "{warnings}");
     assert!(c.journal("").contains("are serving"));
+    check(&format!(
+        "SIGSTOP of the master: the watchdog restarted the service after {watchdog_restart:?} \
+         (WatchdogSec=4), NRestarts 1, \"Watchdog timeout\" in the journal"
+    ));
+    check(&format!(
+        "journalctl -p warning: {} of the service's {} lines, \"Reload rejected\" and ExecReload's \
+         \"the reload failed\" among them, no info line",
+        warnings.lines().filter(|l| !l.trim().is_empty()).count(),
+        c.journal("").lines().count()
+    ));
 
     eprintln!(
         "systemd_real: watchdog restart of a frozen master after {watchdog_restart:?}; whole test {:?}",

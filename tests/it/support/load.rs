@@ -17,6 +17,8 @@ pub struct Load {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Successes of each probe, in the order given (to show that every path was served).
+    ok_by_probe: Vec<Arc<AtomicU64>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -25,6 +27,8 @@ pub struct LoadReport {
     pub ok: u64,
     pub failed: u64,
     pub errors: Vec<String>,
+    /// Successes of each probe, in the order given to [`Load::start_with`].
+    pub ok_by_probe: Vec<u64>,
 }
 
 /// One request of the load: what a thread sends each turn (its own connection and transport).
@@ -48,17 +52,21 @@ impl Load {
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
+        let mut ok_by_probe = Vec::new();
         let handles = probes
             .into_iter()
             .map(|mut probe| {
                 let (stop, ok, failed, errors) =
                     (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+                let mine = Arc::new(AtomicU64::new(0));
+                ok_by_probe.push(mine.clone());
                 std::thread::spawn(move || {
                     let started = Instant::now();
                     while !stop.load(Ordering::Relaxed) && started.elapsed() < HARD_LIMIT {
                         match probe() {
                             Ok(r) if r.status == 200 => {
                                 ok.fetch_add(1, Ordering::Relaxed);
+                                mine.fetch_add(1, Ordering::Relaxed);
                             }
                             Ok(r) => {
                                 failed.fetch_add(1, Ordering::Relaxed);
@@ -81,12 +89,17 @@ impl Load {
             ok,
             failed,
             errors,
+            ok_by_probe,
             threads: handles,
         }
     }
 
     pub fn ok(&self) -> u64 {
         self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Waits until at least `n` more requests succeed (proof the service answers right now).
@@ -104,6 +117,11 @@ impl Load {
             ok: self.ok.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             errors: self.errors.lock().unwrap().clone(),
+            ok_by_probe: self
+                .ok_by_probe
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect(),
         }
     }
 }
