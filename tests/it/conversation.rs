@@ -505,3 +505,54 @@ fn feedback_is_stored_counted_and_exported() {
     assert_eq!(lines[0]["source_ids"], json!(ids));
     assert_eq!(lines[0]["answer"], answer["answer"]);
 }
+
+/// A client that leaves while its follow-up is being rewritten gets nothing more generated:
+/// the rewrite or the answer's generation is cancelled as soon as the worker notices (with
+/// `half_close` on, that may be only when the next event's write fails).
+#[test]
+fn a_client_that_leaves_during_the_rewrite_gets_no_answer_generated() {
+    let fake = FakeOllama::start();
+    let server = ServerProcess::start(&format!(
+        "workers = 1\nbind = [\"127.0.0.1:0\"]\naccesslog = \"{{dir}}/access.log\"\n[store]\npath = \"{{dir}}/data\"\n[llm]\nprovider = \"ollama\"\nurl = \"{}\"\nmodel = \"llama3.2\"\nfirst_token_timeout = 10\n[rag]\ndocs_dir = \"{DOCS}\"\n",
+        fake.url()
+    ));
+    assert!(
+        server.wait_for_log("first run: ingested", BOUND),
+        "{}",
+        server.logs()
+    );
+    fake.set_first_token_delay(Duration::from_secs(2));
+    fake.set_tokens(50);
+    fake.set_answer_duration(Duration::from_secs(20));
+    let mut stream = std::net::TcpStream::connect(server.addr()).unwrap();
+    let history = json!([{ "role": "user", "content": FIRST }, { "role": "assistant", "content": "USR2 [1]" }]);
+    let body = json!({ "question": FOLLOW_UP, "history": history }).to_string();
+    use std::io::Write;
+    write!(stream, "POST /api/ask/stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    assert!(
+        fake.wait_until(BOUND, |c| c.chat_started >= 1),
+        "{:?}",
+        fake.counters()
+    );
+    assert_eq!(fake.rewrites(), 1);
+    drop(stream);
+    // The request ends (its access line is written when the worker drops the response)...
+    let access = server.path("access.log");
+    assert!(
+        crate::support::wait_until(BOUND, || std::fs::read_to_string(&access)
+            .is_ok_and(|log| log.contains("/api/ask/stream"))),
+        "{}",
+        server.logs()
+    );
+    // ...and every chat but the rewrite was cancelled (none may still run or complete).
+    assert!(
+        fake.wait_until(BOUND, |c| c.active_streams == 0
+            && c.chat_started == c.chat_completed + c.chat_cancelled),
+        "{:?}",
+        fake.counters()
+    );
+    // At most the rewrite finished (when it beat the worker noticing); an answer takes 22 s.
+    let counters = fake.counters();
+    assert!(counters.chat_completed <= 1, "{counters:?}");
+    assert!(counters.chat_cancelled >= 1, "{counters:?}");
+}
