@@ -141,10 +141,13 @@ fn with_an_llm_a_follow_up_is_rewritten_and_the_answer_sees_the_turns() {
     assert_eq!(messages[1]["content"], FIRST);
     assert_eq!(messages[2]["role"], "assistant");
     assert_eq!(messages[2]["content"], first["answer"]);
-    assert!(messages[3]["content"]
-        .as_str()
-        .unwrap()
-        .ends_with(&format!("Question: {FOLLOW_UP}")));
+    assert!(
+        messages[3]["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Question: {FOLLOW_UP}\n")),
+        "{chat}"
+    );
 
     // The fake's own rewrite (what the page's tests get): the follow-up, then the question.
     fake.set_rewrite(None);
