@@ -122,6 +122,19 @@ pub struct LlmBackend {
 /// Most backends of one pool: each has a fixed set of cells in the shared scoreboard.
 pub const MAX_LLM_BACKENDS: usize = 16;
 
+/// `[rerank]`: an optional reranking stage after fusion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerankConfig {
+    /// Base URL of a `/v1/rerank` server; `None` = no reranking.
+    pub url: Option<String>,
+    pub model: String,
+    pub api_key: Option<String>,
+    /// Fused documents handed to the reranker.
+    pub candidates: usize,
+    /// Bound on one rerank request.
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlmConfig {
     /// The first backend's (`[llm] provider`, or `None`: extractive answers only).
@@ -478,6 +491,20 @@ pub(super) fn llm(v: &Values) -> Result<LlmConfig, ConfigError> {
             .filter(|s| !s.is_empty())
             .cloned()
             .collect(),
+    })
+}
+
+pub(super) fn rerank(v: &Values) -> Result<RerankConfig, ConfigError> {
+    let url = match v.text(&RERANK_URL).trim() {
+        "" => None,
+        u => Some(checked_url(v, &RERANK_URL, u)?),
+    };
+    Ok(RerankConfig {
+        url,
+        model: v.text_or_default(&RERANK_MODEL),
+        api_key: v.optional(&RERANK_API_KEY),
+        candidates: v.int(&RERANK_CANDIDATES) as usize,
+        timeout: v.seconds(&RERANK_TIMEOUT),
     })
 }
 

@@ -221,6 +221,15 @@ keys! {
     LLM_BACKEND_MAX_CONCURRENT: "llm.backend" "max_concurrent", int(0, 0, 100_000),
         "answers it generates at once, pool-wide (its `OLLAMA_NUM_PARALLEL`); 0 = no cap of its own";
 
+    RERANK_URL: "rerank" "url", text(""),
+        "base URL of a reranker speaking `POST /v1/rerank` (llama.cpp's server with `--reranking`, vLLM, TEI, Infinity); `\"\"` = no reranking";
+    RERANK_MODEL: "rerank" "model", text(""), "reranking model name sent with each request";
+    RERANK_API_KEY: "rerank" "api_key", SECRET, "bearer token for the reranker";
+    RERANK_CANDIDATES: "rerank" "candidates", int(20, 1, 200),
+        "fused documents (their best passages) the reranker reorders; the top `top_k` of its order are kept";
+    RERANK_TIMEOUT: "rerank" "timeout", secs(5.0, 0.1, HOUR),
+        "seconds for one rerank request; past it, or on any failure, the fused order is kept";
+
     RAG_CHUNK_SIZE: "rag" "chunk_size", int(800, 100, 100_000), "chunks of about this many characters";
     RAG_CHUNK_OVERLAP: "rag" "chunk_overlap", int(100, 0, 50_000), "characters shared by neighbouring chunks (less than `chunk_size`)";
     RAG_TOP_K: "rag" "top_k", int(5, 1, super::app::MAX_TOP_K as i64), "passages given to the LLM (a request may ask for 1 to 50)";

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use app::{
-    Distance, EmbedConfig, LlmConfig, Provider, RagConfig, StoreBackend, StoreConfig, MAX_TOP_K,
+    Distance, EmbedConfig, LlmConfig, Provider, RagConfig, RerankConfig, StoreBackend, StoreConfig,
+    MAX_TOP_K,
 };
 pub use bind::BindAddr;
 pub use error::{ConfigError, Origin};
@@ -122,6 +123,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub embed: EmbedConfig,
     pub llm: LlmConfig,
+    pub rerank: RerankConfig,
     pub rag: RagConfig,
     /// Every key's effective value, for `ragpool check` ([`Config::to_toml`]).
     effective: Values,
@@ -316,6 +318,7 @@ fn validate(v: Values, path: Option<PathBuf>) -> Result<Config, ConfigError> {
         store: app::store(&v)?,
         embed: app::embed(&v)?,
         llm: app::llm(&v)?,
+        rerank: app::rerank(&v)?,
         rag: app::rag(&v)?,
         effective: v,
     })

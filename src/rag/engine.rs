@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::answer::{self, ExtractiveReason};
 use super::conversation::{self, HistoryLimits, Turn};
 use super::ingest::{self, Extractor, IngestError, LoadedDocument};
-use super::llm::{ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, Role};
+use super::llm::{ChatMessage, Chunk, Embedder, Finish, Generator, LlmError, Reranker, Role};
 use super::rank::{self, Weighted};
 use super::store::{Store, StoreError};
 use super::text::{detect_language, Language, Stems};
@@ -268,6 +268,9 @@ pub struct Rag {
     embed_gate: Option<Box<dyn GenerationGate>>,
     /// `[embed] languages`: the question languages the dense list is trusted for (empty: all).
     embed_languages: Vec<Language>,
+    /// `[rerank]`: reorders the best passages of the first `rerank_candidates` documents.
+    reranker: Option<Reranker>,
+    rerank_candidates: usize,
     /// The LLM servers answers go to (`[[llm.backend]]`), in config order; empty = none.
     generators: Vec<Generator>,
     stems: Stems,
@@ -299,12 +302,18 @@ impl Rag {
             what: "LLM",
             source,
         })?;
+        let reranker = Reranker::new(&config.rerank).map_err(|source| RagError::Client {
+            what: "reranking",
+            source,
+        })?;
         Ok(Rag {
             store,
             extractor: Extractor::sandboxed(extract_limits(&config.rag)),
             embedders,
             embed_gate: None,
             embed_languages: config.embed.languages.clone(),
+            reranker,
+            rerank_candidates: config.rerank.candidates,
             generators,
             stems: Stems::default(),
             config: config.rag.clone(),
@@ -679,7 +688,12 @@ impl Rag {
     ) -> Result<Vec<Hit>, RagError> {
         let k = k.clamp(1, MAX_TOP_K);
         let started = Instant::now();
-        let depth = rank::candidates(k);
+        // With a reranker, fusion hands it more documents than are kept.
+        let fused_k = match &self.reranker {
+            Some(_) => k.max(self.rerank_candidates),
+            None => k,
+        };
+        let depth = rank::candidates(fused_k);
         let language = detect_language(question);
         let mut lists = Vec::new();
         if use_lists != Lists::Dense {
@@ -710,13 +724,43 @@ impl Rag {
                 }
             }
         }
-        let hits = match lists.len() {
+        let mut hits = match lists.len() {
             0 => Vec::new(),
-            1 => rank::rank_one(&lists[0], k),
-            _ => rank::fuse(&lists, k),
+            1 => rank::rank_one(&lists[0], fused_k),
+            _ => rank::fuse(&lists, fused_k),
         };
+        if let Some(reranker) = &self.reranker {
+            self.rerank(reranker, question, &mut hits).await;
+        }
+        hits.truncate(k);
         timings.retrieve_ms = ms(started.elapsed());
         Ok(hits)
+    }
+
+    /// Reorders `hits` by the reranker's scores (ties keep the fused order); on any failure
+    /// the fused order stays, logged: a reranker that is down costs quality, never an answer.
+    async fn rerank(&self, reranker: &Reranker, question: &str, hits: &mut Vec<Hit>) {
+        if hits.len() < 2 {
+            return;
+        }
+        let passages: Vec<String> = hits.iter().map(|h| h.text.clone()).collect();
+        match reranker.scores(question, &passages).await {
+            Ok(scores) => {
+                let mut scored: Vec<(usize, f32, Hit)> = hits
+                    .drain(..)
+                    .zip(scores)
+                    .enumerate()
+                    .map(|(i, (hit, score))| (i, score, hit))
+                    .collect();
+                scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                hits.extend(
+                    scored
+                        .into_iter()
+                        .map(|(_, score, hit)| Hit { score, ..hit }),
+                );
+            }
+            Err(e) => log::warn!("reranking failed, keeping the fused order: {e}"),
+        }
     }
 
     /// The dense list's weight in the fusion: full for a language the embedding model was

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::fake_ollama::{FakeOllama, FakeOptions};
+use crate::support::fake_rerank::FakeRerank;
 use crate::support::http::{self, delete, post, post_json, sse_events};
 use crate::support::llama::LlamaServer;
 use crate::support::{wait_until, ServerProcess, BIN};
@@ -698,4 +699,71 @@ fn a_pool_wide_cap_on_generations_queues_the_rest_and_tells_them_their_place() {
         queued_positions.iter().all(|p| (1..=6).contains(p)),
         "{queued_positions:?}"
     );
+}
+
+/// A server without an LLM whose `[rerank]` is `url`, with two documents that lexical search
+/// ranks Reload first for "How do I reload the workers?".
+fn reranked_server(url: &str) -> ServerProcess {
+    let tables = format!(
+        "[llm]\nprovider = \"none\"\n[rerank]\nurl = \"{url}\"\nmodel = \"bge-reranker\"\ntimeout = 5\n[rag]\ningest_docs_on_first_run = false\n"
+    );
+    let server = ServerProcess::start(&app_config(1, "admin_token = \"t\"", &tables));
+    seed(&server.addr());
+    http::add_document(
+        &server.addr(),
+        "Stop",
+        "# Stop\n\nSend TERM to the master to stop the workers.",
+    );
+    server
+}
+
+fn source_titles(answer: &Value) -> Vec<String> {
+    answer["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["title"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_reranker_reorders_the_fused_documents_over_its_wire_protocol() {
+    let question = "How do I reload the workers?";
+    let plain = ServerProcess::start(&app_config(1, "admin_token = \"t\"", no_llm()));
+    seed(&plain.addr());
+    http::add_document(
+        &plain.addr(),
+        "Stop",
+        "# Stop\n\nSend TERM to the master to stop the workers.",
+    );
+    assert_eq!(
+        source_titles(&ask(&plain.addr(), question)),
+        ["Reload", "Stop"]
+    );
+
+    let fake = FakeRerank::start("TERM", 200);
+    let server = reranked_server(&fake.url());
+    let answer = ask(&server.addr(), question);
+    assert_eq!(source_titles(&answer), ["Stop", "Reload"], "{answer}");
+    let request = fake.last_request().expect("the reranker was asked");
+    assert_eq!(request["query"], question);
+    assert_eq!(request["model"], "bge-reranker");
+    assert_eq!(
+        request["documents"].as_array().unwrap().len(),
+        2,
+        "{request}"
+    );
+    assert!(
+        request["documents"][0].as_str().unwrap().contains("HUP"),
+        "{request}"
+    );
+}
+
+#[test]
+fn a_failing_reranker_keeps_the_fused_order() {
+    let fake = FakeRerank::start("TERM", 500);
+    let server = reranked_server(&fake.url());
+    let answer = ask(&server.addr(), "How do I reload the workers?");
+    assert!(fake.last_request().is_some(), "the reranker was asked");
+    assert_eq!(source_titles(&answer), ["Reload", "Stop"], "{answer}");
 }

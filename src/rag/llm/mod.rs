@@ -11,6 +11,7 @@
 //! - [`Embedder`] (`embed.rs`): texts in, vectors out, batched.
 //! - [`Generator`] (`generate.rs`): chat messages in, a [`TokenStream`] of [`Chunk`]s out
 //!   (answer, reasoning, how it finished); `check_model` for `/health`.
+//! - [`Reranker`] (`rerank.rs`): a question and passages in, relevance scores out.
 //! - `models.rs`: whether a server has the configured model (`/api/tags`, `/v1/models`).
 //! - `lines.rs`: bytes -> lines across arbitrary chunk boundaries (CR, LF, CRLF).
 //! - `ndjson.rs` / `sse.rs`: Ollama's NDJSON and OpenAI's server-sent events -> [`ChatEvent`]s.
@@ -29,6 +30,7 @@ mod generate;
 mod lines;
 mod models;
 mod ndjson;
+mod rerank;
 mod sse;
 
 use std::fmt;
@@ -39,6 +41,7 @@ use serde::Serialize;
 
 pub use embed::Embedder;
 pub use generate::Generator;
+pub use rerank::Reranker;
 
 /// The pieces of one generation, in order: [`Chunk::Reasoning`] and [`Chunk::Answer`] as they
 /// come, then [`Chunk::Finished`] as the last item of a clean end; an `Err` is the last item
@@ -94,6 +97,8 @@ pub enum TimeoutKind {
     Embedding,
     /// `[llm] connect_timeout` used as the bound of a model check (a reachability probe).
     Ping,
+    /// `[rerank] timeout`: one rerank request took too long.
+    Rerank,
 }
 
 impl fmt::Display for TimeoutKind {
@@ -103,6 +108,7 @@ impl fmt::Display for TimeoutKind {
             TimeoutKind::Generation => "generation",
             TimeoutKind::Embedding => "embedding request",
             TimeoutKind::Ping => "ping",
+            TimeoutKind::Rerank => "rerank request",
         })
     }
 }

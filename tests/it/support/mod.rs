@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod fake_ollama;
+pub mod fake_rerank;
 pub mod http;
 pub mod llama;
 pub mod load;
