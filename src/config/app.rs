@@ -11,7 +11,15 @@ use std::time::Duration;
 use super::error::ConfigError;
 use super::keys::*;
 use super::sources::Values;
-use crate::rag::text::Language;
+
+/// A language of documents and questions: the app's prompts and UI speak these two. Declared
+/// here, on the config's floor, because `[embed] languages` names them; the app uses it as
+/// `rag::text::Language`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    English,
+    Russian,
+}
 
 /// Which store holds documents and chunks.
 #[derive(Debug, Clone, PartialEq)]

@@ -564,12 +564,26 @@ fn is_document_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit())
 }
 
+/// The chat page. Its own `<meta>` Content-Security-Policy pins its one script; what a `<meta>`
+/// policy cannot say travels as headers: no other site may frame it (clickjacking), no content
+/// sniffing, no full URL (a question in it) sent on as a referrer.
 fn page() -> Response<Body> {
     let mut response = Response::new(full(INDEX_HTML));
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     response
 }
 

@@ -6,12 +6,9 @@
 
 use rust_stemmers::{Algorithm, Stemmer};
 
-/// The language a question is written in, for the prompt and the UI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Language {
-    English,
-    Russian,
-}
+/// The language a question is written in, for the prompt and the UI (declared with the config,
+/// whose `[embed] languages` names it).
+pub use crate::config::app::Language;
 
 /// Lower-cased words with their byte ranges in `text` (letters and digits; everything else splits).
 pub fn words(text: &str) -> impl Iterator<Item = (usize, &str)> {

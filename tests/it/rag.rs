@@ -112,6 +112,14 @@ fn a_fresh_server_ingests_the_manual_and_answers_in_english_and_russian() {
         .unwrap()
         .starts_with("text/html"));
     assert!(page.body.contains("/api/ask/stream"));
+    // What the page's <meta> policy cannot say: no framing by another site, no sniffing.
+    assert_eq!(
+        page.header("content-security-policy"),
+        Some("frame-ancestors 'none'")
+    );
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(page.header("referrer-policy"), Some("same-origin"));
 }
 
 #[test]
