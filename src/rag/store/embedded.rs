@@ -24,7 +24,12 @@
 //!   dimension, [`quantized`] owns the format), written in the same transaction as
 //!   `chunks_vec`. `meta` counts the writes that touched vectors (`vectors_generation`) and the
 //!   ones that deleted any (`vectors_epoch`), so a process can tell whether its in-memory copy
-//!   is current. Schema version 2 added it: opening a version 1 file builds it from
+//!   is current.
+//! - `chunks_f32(id INTEGER PRIMARY KEY, v)`: the full vectors again, as plain rows, for the
+//!   exact re-scoring of a shortlist: a point lookup in `vec0` reads its vector through the
+//!   overflow chain of a 1.5 MB chunk blob (~40 us each, 500 of them per question), here it
+//!   is one B-tree page.
+//! - Schema version 3 added both tables: opening a version 1 or 2 file fills them from
 //!   `chunks_vec` in one transaction (documents, chunks and full vectors are left as they are).
 //! - `feedback(id PK, created_at, vote, question, answer, mode, source_ids)`: readers' votes,
 //!   created with the first one.
@@ -36,7 +41,7 @@
 //! a chunk at 384 dimensions), brought up to date at the start of a search from the search's
 //! own snapshot (appending rows when nothing was deleted, reloading otherwise), scans it for
 //! a shortlist of [`RESCORE_FACTOR`] x `k` and re-scores the shortlist exactly with the full
-//! vectors from `chunks_vec`. Scores are the exact ones; the shortlist only bounds recall
+//! vectors from `chunks_f32`. Scores are the exact ones; the shortlist only bounds recall
 //! (recall@10 against exact search in `benches/README.md`). A search whose snapshot is older
 //! than the copy another thread just loaded runs exactly instead (sqlite-vec's KNN). The copy
 //! is per process (a worker's own, built after fork): 4 workers at 100k x 384 hold ~39 MB each.
@@ -102,9 +107,9 @@ pub const MARKER_NAME: &str = "ragpool.initialised";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `-wal` file is truncated to this size after a checkpoint that emptied it.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-/// `PRAGMA user_version` of the schema below (2: `chunks_q8` and the vector counters).
-const SCHEMA_VERSION: i64 = 2;
-/// The schema before `chunks_q8`: opened by migrating it.
+/// `PRAGMA user_version` of the schema below (3: `chunks_q8`, `chunks_f32`, the counters).
+const SCHEMA_VERSION: i64 = 3;
+/// The first schema: older files (1 and 2, which lacked `chunks_f32`) are migrated on open.
 const SCHEMA_VERSION_EXACT_ONLY: i64 = 1;
 /// Dense search re-scores exactly this many times `k` quantized candidates.
 pub const RESCORE_FACTOR: usize = 10;
@@ -155,6 +160,10 @@ CREATE TABLE IF NOT EXISTS chunks_q8 (
     id INTEGER PRIMARY KEY,
     q  BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS chunks_f32 (
+    id INTEGER PRIMARY KEY,
+    v  BLOB NOT NULL
+);
 ";
 
 /// Readers' votes on answers (see [`EmbeddedStore::add_feedback`]); `source_ids` is a JSON list.
@@ -193,7 +202,7 @@ JOIN documents d ON d.id = c.document_id
 ORDER BY knn.distance";
 
 /// The full vectors of a shortlist, for exact re-scoring.
-const VECTOR_SQL: &str = "SELECT embedding FROM chunks_vec WHERE rowid = ?1";
+const VECTOR_SQL: &str = "SELECT v FROM chunks_f32 WHERE id = ?1";
 
 /// What a hit shows, for one chunk id.
 const HIT_SQL: &str = "
@@ -1080,7 +1089,7 @@ fn create_schema(
     // Another process may have won the race while this one waited for the lock.
     let version = read_version(&tx).map_err(error)?;
     if version < SCHEMA_VERSION {
-        if version == SCHEMA_VERSION_EXACT_ONLY {
+        if version >= SCHEMA_VERSION_EXACT_ONLY {
             migrate_to_quantized(&tx, path).map_err(error)?;
         } else {
             tx.execute_batch(SCHEMA).map_err(error)?;
@@ -1157,15 +1166,17 @@ fn delete_chunks(conn: &Connection, id: &str, has_vectors: bool) -> rusqlite::Re
         true => Some((
             conn.prepare_cached("DELETE FROM chunks_vec WHERE rowid = ?1")?,
             conn.prepare_cached("DELETE FROM chunks_q8 WHERE id = ?1")?,
+            conn.prepare_cached("DELETE FROM chunks_f32 WHERE id = ?1")?,
         )),
         false => None,
     };
     let mut vectors = 0;
     for rowid in &rowids {
         delete_fts.execute([rowid])?;
-        if let Some((full, quantized)) = delete_vec.as_mut() {
-            full.execute([rowid])?;
+        if let Some((vec0, quantized, full)) = delete_vec.as_mut() {
+            vec0.execute([rowid])?;
             vectors += quantized.execute([rowid])?;
+            full.execute([rowid])?;
         }
     }
     conn.execute("DELETE FROM chunks WHERE document_id = ?1", [id])?;
@@ -1187,6 +1198,7 @@ fn insert_chunks(
         Some(meta) => Some((
             conn.prepare_cached("INSERT INTO chunks_vec (rowid, embedding) VALUES (?1, ?2)")?,
             conn.prepare_cached("INSERT INTO chunks_q8 (id, q) VALUES (?1, ?2)")?,
+            conn.prepare_cached("INSERT INTO chunks_f32 (id, v) VALUES (?1, ?2)")?,
             meta.metric,
         )),
         None => None,
@@ -1194,11 +1206,13 @@ fn insert_chunks(
     for (chunk, stems) in doc.chunks.iter().zip(stems) {
         let rowid = insert_chunk.insert(params![id, chunk.position as i64, chunk.text])?;
         insert_fts.execute(params![rowid, stems])?;
-        if let (Some((full, quantized, metric)), Some(embedding)) =
+        if let (Some((vec0, quantized, full, metric)), Some(embedding)) =
             (insert_vec.as_mut(), &chunk.embedding)
         {
-            full.execute(params![rowid, f32_blob(embedding)])?;
+            let blob = f32_blob(embedding);
+            vec0.execute(params![rowid, blob])?;
             quantized.execute(params![rowid, quantized::encode(embedding, *metric)])?;
+            full.execute(params![rowid, blob])?;
         }
     }
     Ok(())
@@ -1327,8 +1341,9 @@ fn f32s(blob: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// Version 1 -> 2, inside the caller's write transaction: `chunks_q8` filled from the full
-/// vectors. Nothing else is touched, so documents and their vectors stay as they were.
+/// Version 1 or 2 -> 3, inside the caller's write transaction: `chunks_q8` and `chunks_f32`
+/// (re)filled from `chunks_vec`. Nothing else is touched, so documents and their vectors
+/// stay as they were.
 fn migrate_to_quantized(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     let Some(meta) = read_vec_meta(conn)? else {
@@ -1336,17 +1351,20 @@ fn migrate_to_quantized(conn: &Connection, path: &Path) -> rusqlite::Result<()> 
     };
     let mut vectors = conn.prepare("SELECT rowid, embedding FROM chunks_vec")?;
     let mut insert = conn.prepare("INSERT OR REPLACE INTO chunks_q8 (id, q) VALUES (?1, ?2)")?;
+    let mut insert_full =
+        conn.prepare("INSERT OR REPLACE INTO chunks_f32 (id, v) VALUES (?1, ?2)")?;
     let mut rows = vectors.query([])?;
     let mut count = 0u64;
     while let Some(row) = rows.next()? {
         let id: i64 = row.get(0)?;
-        let vector = f32s(row.get_ref(1)?.as_blob()?);
-        insert.execute(params![id, quantized::encode(&vector, meta.metric)])?;
+        let blob = row.get_ref(1)?.as_blob()?;
+        insert.execute(params![id, quantized::encode(&f32s(blob), meta.metric)])?;
+        insert_full.execute(params![id, blob])?;
         count += 1;
     }
     bump_vector_counters(conn, true)?;
     log::info!(
-        "embedded store {}: quantized {count} stored vectors for fast dense search (schema 1 -> 2)",
+        "embedded store {}: quantized {count} stored vectors for fast dense search (schema -> 3)",
         path.display()
     );
     Ok(())

@@ -975,8 +975,8 @@ async fn embedded_dense_search_sees_other_processes_writes() {
     );
 }
 
-/// A store written by the previous schema (full vectors only) is migrated on open: its
-/// quantized table is built from the full vectors and nothing else changes.
+/// A store written by the first schema (vectors in vec0 only) is migrated on open: its
+/// quantized and plain full-vector tables are built from vec0 and nothing else changes.
 #[tokio::test]
 async fn embedded_store_of_schema_1_is_migrated_without_losing_anything() {
     let _sqlite = SQLITE_IN_USE.read().await;
@@ -1006,6 +1006,7 @@ async fn embedded_store_of_schema_1_is_migrated_without_losing_anything() {
         .unwrap()
         .execute_batch(
             "DROP TABLE chunks_q8;
+             DROP TABLE chunks_f32;
              DELETE FROM meta WHERE key IN ('vectors_generation', 'vectors_epoch');
              PRAGMA user_version = 1;",
         )
@@ -1022,7 +1023,7 @@ async fn embedded_store_of_schema_1_is_migrated_without_losing_anything() {
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, quantized), (2, 300));
+    assert_eq!((version, quantized), (3, 300));
     for (i, query) in vectors.iter().enumerate().step_by(37) {
         let hits = store.dense_search(query, 1).await.unwrap();
         assert_eq!(hits[0].text, format!("v{i}"), "{hits:?}");
