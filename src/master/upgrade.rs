@@ -181,7 +181,20 @@ pub fn exec_new_master(
                     Some(&SigSet::empty()),
                     None,
                 );
-                let _ = execve(&path, &argv, &env);
+                // A binary still open for writing somewhere cannot be executed yet (ETXTBSY):
+                // a package manager finishing its copy, or any process forked while the file
+                // was being written and not yet exec'd. Retry for up to a second.
+                for _ in 0..EXEC_BUSY_RETRIES {
+                    if execve(&path, &argv, &env) != Err(nix::errno::Errno::ETXTBSY) {
+                        break;
+                    }
+                    let pause = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: EXEC_BUSY_PAUSE_NS,
+                    };
+                    // SAFETY: nanosleep is async-signal-safe; a signal only shortens the pause.
+                    unsafe { libc::nanosleep(&pause, std::ptr::null_mut()) };
+                }
                 // SAFETY: _exit is async-signal-safe and skips the parent's atexit handlers.
                 unsafe { libc::_exit(127) }
             }
@@ -208,6 +221,10 @@ pub fn exec_new_master(
     let pidfd = pidfd_open(pid).map_err(|source| UpgradeError::Watch { pid, source })?;
     Ok(NewMaster { pid, pidfd })
 }
+
+/// How often, and how far apart, the new master's `execve` is retried on ETXTBSY: 1 s in all.
+const EXEC_BUSY_RETRIES: usize = 50;
+const EXEC_BUSY_PAUSE_NS: libc::c_long = 20_000_000;
 
 fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, UpgradeError> {
     CString::new(bytes).map_err(|_| UpgradeError::Nul(what))

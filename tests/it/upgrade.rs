@@ -101,6 +101,41 @@ fn a_load_running_across_five_binary_upgrades_sees_zero_failed_requests() {
 }
 
 #[test]
+fn an_upgrade_waits_for_a_new_binary_still_open_for_writing() {
+    let (bin_dir, binary, server) = serve_installed_copy(1);
+    let pidfile = server.path("ragpool.pid");
+    let master = server.pid();
+    // A package manager has renamed the new binary into place but still holds it open for
+    // writing (or a process forked meanwhile does): executing it fails with ETXTBSY for now.
+    let new = bin_dir.path().join("ragpool-new");
+    std::fs::copy(BIN, &new).unwrap();
+    let writer = std::fs::OpenOptions::new().write(true).open(&new).unwrap();
+    std::fs::rename(&new, &binary).unwrap();
+    server.signal(Signal::SIGUSR2);
+    // The writer finishes within the master's retry window (not a synchronisation: the
+    // scenario's own timing).
+    std::thread::sleep(Duration::from_millis(300));
+    drop(writer);
+    assert!(
+        wait_until(BOUND, || {
+            server.count_in_log("Upgrade complete") >= 1
+                && read_pid(&pidfile).is_some_and(|pid| pid != master)
+        }),
+        "{}",
+        server.logs()
+    );
+    assert!(
+        !server.logs().contains("Upgrade failed"),
+        "{}",
+        server.logs()
+    );
+    assert!(wait_until(BOUND, || !is_running(master)));
+    let successor = read_pid(&pidfile).unwrap();
+    assert!(wait_until(BOUND, || children_of(successor).len() == 1));
+    assert_eq!(http::get(&server.addr(), "/health").unwrap().status, 200);
+}
+
+#[test]
 fn a_new_binary_that_cannot_boot_leaves_the_old_master_serving() {
     let (bin_dir, binary, server) = serve_installed_copy(2);
     let pidfile = server.path("ragpool.pid");
