@@ -18,6 +18,9 @@
 #   BENCH_GUNICORN_DURATION=40s
 #   BENCH_PROFILE=release  cargo profile of ragpool and the fake (dev: a quick smoke run)
 #   BENCH_MALLOC=""        run ragpool with LD_PRELOAD of this allocator (allocator comparison)
+#   BENCH_MALLOC_ENV=""    extra environment for ragpool, e.g. "MALLOC_ARENA_MAX=2" (glibc tuning)
+#   BENCH_REUSEPORT=1      0 skips the reuse_port run
+#   BENCH_GUNICORN=1       0 skips Gunicorn + Flask (a shortened allocator comparison)
 #   BENCH_VENV=target/bench-venv  venv with gunicorn and flask (created once, then reused)
 #   BENCH_OUT=target/bench-results/ask-<timestamp>
 #
@@ -36,6 +39,9 @@ SETTLE="${BENCH_SETTLE:-30}"
 GUNICORN_C="${BENCH_GUNICORN_C:-32}"
 GUNICORN_DURATION="${BENCH_GUNICORN_DURATION:-40s}"
 MALLOC="${BENCH_MALLOC:-}"
+MALLOC_ENV="${BENCH_MALLOC_ENV:-}"
+RUN_REUSEPORT="${BENCH_REUSEPORT:-1}"
+RUN_GUNICORN="${BENCH_GUNICORN:-1}"
 PROFILE="${BENCH_PROFILE:-release}"
 VENV="${BENCH_VENV:-$REPO/target/bench-venv}"
 OUT="${BENCH_OUT:-$REPO/target/bench-results/ask-$(date +%Y%m%d-%H%M%S)}"
@@ -119,11 +125,11 @@ timeout = 120
 [rag]
 ingest_docs_on_first_run = false
 EOF
-    if [[ -n "$MALLOC" ]]; then
-        LD_PRELOAD="$MALLOC" "$RAGPOOL_BIN" serve --config "$TMP/$name/workers.toml" >"$OUT/$name.log" 2>&1 &
-    else
-        "$RAGPOOL_BIN" serve --config "$TMP/$name/workers.toml" >"$OUT/$name.log" 2>&1 &
-    fi
+    local -a env_vars=()
+    [[ -n "$MALLOC" ]] && env_vars+=("LD_PRELOAD=$MALLOC")
+    # shellcheck disable=SC2206 # word splitting is the point: "A=1 B=2"
+    [[ -n "$MALLOC_ENV" ]] && env_vars+=($MALLOC_ENV)
+    env "${env_vars[@]}" "$RAGPOOL_BIN" serve --config "$TMP/$name/workers.toml" >"$OUT/$name.log" 2>&1 &
     RP_PID=$!
     STARTED_PIDS+=("$RP_PID")
     wait_ready "$name" "$RP_PID" "$RP_PORT"
@@ -159,6 +165,7 @@ sleep "$SETTLE"
 stop_ragpool
 
 # --- ragpool with reuse_port at c=1000: the kernel's spread -----------------------------------
+if [[ "$RUN_REUSEPORT" == 1 ]]; then
 start_ragpool ragpool-reuseport true
 echo idle >"$PHASE"
 python3 "$ASK/sample.py" "$RP_PID" "$RP_PORT" "$PHASE" "$SAMPLES.reuseport" &
@@ -167,8 +174,10 @@ sleep 2
 echo c1000 >"$PHASE"
 wrk_run ragpool-reuseport "$RP_PORT" /api/ask/stream 1000 "$DURATION" 1
 stop_ragpool
+fi
 
 # --- Gunicorn 4 sync workers + Flask against the same fake ------------------------------------
+if [[ "$RUN_GUNICORN" == 1 ]]; then
 GU_PORT="$(free_port)"
 FAKE_OLLAMA_URL="$FAKE_URL" FLASK_DB="$TMP/flask.sqlite3" "$VENV/bin/gunicorn" --chdir "$ASK" \
     -w "$WORKERS" -k sync --timeout 120 -b "127.0.0.1:$GU_PORT" --log-level warning \
@@ -185,6 +194,7 @@ wrk_run gunicorn "$GU_PORT" /api/ask/stream "$GUNICORN_C" "$GUNICORN_DURATION" 1
 echo fake-gunicorn >"$PHASE"
 wrk_run fake "$FAKE_PORT" /api/chat "$GUNICORN_C" "$GUNICORN_DURATION" g
 echo stop >"$PHASE"
+fi
 
 # --- report -----------------------------------------------------------------------------------
-python3 "$ASK/report.py" "$OUT" "$WORKERS" "$(nproc)" "$(uname -r)" "${MALLOC:-glibc}" | tee "$OUT/report.txt"
+python3 "$ASK/report.py" "$OUT" "$WORKERS" "$(nproc)" "$(uname -r)" "${MALLOC:-glibc}${MALLOC_ENV:+ $MALLOC_ENV}" | tee "$OUT/report.txt"
