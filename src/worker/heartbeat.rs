@@ -2,13 +2,15 @@
 //!
 //! If the loop is blocked, the stamps stop and the master kills the worker after `timeout`.
 //! The same task notices when the master has gone (our parent changed) and starts a graceful
-//! stop, so workers never outlive their master for long.
+//! stop, so workers never outlive their master for long. Each beat also tells
+//! [`super::trim`] how many connections are open, so memory comes back after a burst.
 
 use std::time::Duration;
 
 use nix::unistd::Pid;
 
 use super::server::Stopper;
+use super::trim::{self, TrimAfterBurst};
 use crate::scoreboard::Slot;
 
 /// Stamp often enough that `timeout` means "several missed beats", but not busily.
@@ -19,9 +21,13 @@ pub fn period(timeout: Duration) -> Duration {
 pub async fn run(slot: &'static Slot, timeout: Duration, master: Pid, stopper: Stopper) {
     let mut tick = tokio::time::interval(period(timeout));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut after_burst = TrimAfterBurst::default();
     loop {
         tick.tick().await;
         slot.stamp_heartbeat();
+        if after_burst.observe(slot.connections()) {
+            trim::release_free_memory();
+        }
         if let Some(kib) = resident_kib() {
             slot.rss_kib
                 .store(kib, std::sync::atomic::Ordering::Relaxed);

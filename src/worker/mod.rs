@@ -20,6 +20,7 @@ mod balance;
 mod heartbeat;
 pub mod io;
 mod server;
+mod trim;
 
 use std::sync::Arc;
 
