@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ragpool::config::{self, ConfigSource, Overrides};
 use ragpool::master::{self, MasterError};
-use ragpool::rag::engine::{IngestStep, IngestTally};
+use ragpool::rag::engine::{IngestStep, IngestTally, Rag};
 use ragpool::rag::UpsertOutcome;
 
 #[derive(Parser)]
@@ -181,15 +181,8 @@ fn check(source: ConfigSource, online: bool) -> ExitCode {
 /// `ragpool check --online`: one line per configured model server on stderr; exit 1 if any
 /// is unreachable or lacks its model.
 fn check_online(config: &config::Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("ragpool: error: cannot start a runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Ok(runtime) = cli_runtime() else {
+        return ExitCode::FAILURE;
     };
     let probes = runtime.block_on(ragpool::rag::llm::probe_models(&config.llm, &config.embed));
     let mut failed = false;
@@ -339,33 +332,7 @@ fn search(source: ConfigSource, k: usize, lists: &str) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let config = match config::load(&source) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("ragpool: error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(ragpool::worker::BLOCKING_THREADS)
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("ragpool: error: cannot start a runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let rag = match ragpool::rag::engine::Rag::open(&config).await {
-            Ok(rag) => rag,
-            Err(e) => {
-                eprintln!("ragpool: error: {}", error_chain(&e));
-                return ExitCode::FAILURE;
-            }
-        };
+    with_app(&source, async |rag| {
         for line in std::io::stdin().lines() {
             let Ok(question) = line else { break };
             let mut timings = ragpool::rag::engine::Timings::default();
@@ -390,23 +357,11 @@ fn search(source: ConfigSource, k: usize, lists: &str) -> ExitCode {
 /// `ragpool feedback export`: the store's votes as JSON lines on stdout.
 fn export_feedback(source: ConfigSource) -> ExitCode {
     use std::io::Write as _;
-    let config = match config::load(&source) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("ragpool: error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let Ok(config) = cli_config(&source) else {
+        return ExitCode::from(EXIT_CONFIG);
     };
-    let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("ragpool: error: cannot start a runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Ok(runtime) = cli_runtime() else {
+        return ExitCode::FAILURE;
     };
     let votes = runtime.block_on(async {
         let store = ragpool::rag::store::Store::open(&config.store).await?;
@@ -433,33 +388,7 @@ fn export_feedback(source: ConfigSource) -> ExitCode {
 }
 
 fn ingest(source: ConfigSource, paths: &[PathBuf], reembed: bool) -> ExitCode {
-    let config = match config::load(&source) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("ragpool: error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(ragpool::worker::BLOCKING_THREADS)
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("ragpool: error: cannot start a runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let rag = match ragpool::rag::engine::Rag::open(&config).await {
-            Ok(rag) => rag,
-            Err(e) => {
-                eprintln!("ragpool: error: {}", error_chain(&e));
-                return ExitCode::FAILURE;
-            }
-        };
+    with_app(&source, async |rag| {
         let mut tally = IngestTally::default();
         for path in paths {
             let run = rag.ingest_path(path.clone(), |step| match step {
@@ -522,6 +451,42 @@ fn extract(format: &str, max_text: usize) -> ExitCode {
         0 => ExitCode::SUCCESS,
         code => ExitCode::from(code as u8),
     }
+}
+
+/// The config of a one-shot command, warnings logged to stderr; Err once the error is printed.
+fn cli_config(source: &ConfigSource) -> Result<config::Config, ()> {
+    let config = config::load(source).map_err(|e| eprintln!("ragpool: error: {e}"))?;
+    let _ = ragpool::logging::init(&ragpool::config::LogTarget::Std, "warn");
+    Ok(config)
+}
+
+/// A one-shot command's runtime: one thread and the worker's bounded blocking pool.
+fn cli_runtime() -> Result<tokio::runtime::Runtime, ()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(ragpool::worker::BLOCKING_THREADS)
+        .build()
+        .map_err(|e| eprintln!("ragpool: error: cannot start a runtime: {e}"))
+}
+
+/// Runs a one-shot command on the app (`ingest`, `search`): config, runtime and store opened
+/// as a worker opens them, each failure one `ragpool: error:` line and its exit code.
+fn with_app(source: &ConfigSource, body: impl AsyncFnOnce(&Rag) -> ExitCode) -> ExitCode {
+    let Ok(config) = cli_config(source) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let Ok(runtime) = cli_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        match Rag::open(&config).await {
+            Ok(rag) => body(&rag).await,
+            Err(e) => {
+                eprintln!("ragpool: error: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
