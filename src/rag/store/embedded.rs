@@ -560,7 +560,7 @@ impl EmbeddedStore {
             let mut stmt = conn
                 .prepare(
                     "SELECT id, created_at, vote, question, answer, mode, source_ids FROM feedback \
-                     ORDER BY created_at, id",
+                     ORDER BY created_at, rowid",
                 )
                 .map_err(shared.sql_error("read feedback"))?;
             let rows = stmt

@@ -454,6 +454,9 @@ impl QdrantStore {
                 None => break,
             }
         }
+        // Scrolled in point-id order; the export is oldest first (within one second, in no
+        // particular order: the cluster has no insertion order to give).
+        votes.sort_by_key(|vote| vote.created_at);
         Ok(votes)
     }
 
