@@ -296,15 +296,19 @@ impl QdrantStore {
         })
     }
 
-    pub async fn list_documents(&self) -> Result<Vec<DocumentInfo>, StoreError> {
-        if self.known_shape().await?.is_none() {
-            return Ok(Vec::new());
-        }
-        let mut documents = Vec::new();
+    /// Every point `filter` matches, page by page (`SCROLL_PAGE`), as `read` makes of its
+    /// payload; a point `read` cannot make sense of is left out.
+    async fn scroll_payloads<T>(
+        &self,
+        filter: Filter,
+        what: &'static str,
+        read: impl Fn(&HashMap<String, Value>) -> Option<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut found = Vec::new();
         let mut offset: Option<PointId> = None;
         loop {
             let mut request = ScrollPointsBuilder::new(&self.collection)
-                .filter(Filter::must([kind_is(KIND_HEAD)]))
+                .filter(filter.clone())
                 .limit(SCROLL_PAGE)
                 .with_payload(true)
                 .with_vectors(false);
@@ -312,19 +316,27 @@ impl QdrantStore {
                 request = request.offset(offset);
             }
             let request = request.build();
-            let page = self
-                .call("list documents", |c| c.scroll(request.clone()))
-                .await?;
-            documents.extend(
-                page.result
-                    .iter()
-                    .filter_map(|point| document_of(&point.payload)),
-            );
+            let page = self.call(what, |c| c.scroll(request.clone())).await?;
+            found.extend(page.result.iter().filter_map(|point| read(&point.payload)));
             match page.next_page_offset {
                 Some(next) => offset = Some(next),
                 None => break,
             }
         }
+        Ok(found)
+    }
+
+    pub async fn list_documents(&self) -> Result<Vec<DocumentInfo>, StoreError> {
+        if self.known_shape().await?.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut documents = self
+            .scroll_payloads(
+                Filter::must([kind_is(KIND_HEAD)]),
+                "list documents",
+                document_of,
+            )
+            .await?;
         documents.sort_by(|a, b| a.source.cmp(&b.source));
         Ok(documents)
     }
@@ -346,32 +358,14 @@ impl QdrantStore {
                 document_is(id),
                 hash_is(&head.info.content_hash),
             ]);
-            let mut chunks = Vec::new();
-            let mut offset: Option<PointId> = None;
-            loop {
-                let mut request = ScrollPointsBuilder::new(&self.collection)
-                    .filter(filter.clone())
-                    .limit(SCROLL_PAGE)
-                    .with_payload(true)
-                    .with_vectors(false);
-                if let Some(offset) = offset.take() {
-                    request = request.offset(offset);
-                }
-                let request = request.build();
-                let page = self
-                    .call("read a document", |c| c.scroll(request.clone()))
-                    .await?;
-                chunks.extend(page.result.iter().filter_map(|point| {
+            let mut chunks = self
+                .scroll_payloads(filter, "read a document", |payload| {
                     Some(ChunkText {
-                        position: integer_of(&point.payload, field::POSITION)?.max(0) as usize,
-                        text: text_of(&point.payload, field::TEXT)?,
+                        position: integer_of(payload, field::POSITION)?.max(0) as usize,
+                        text: text_of(payload, field::TEXT)?,
                     })
-                }));
-                match page.next_page_offset {
-                    Some(next) => offset = Some(next),
-                    None => break,
-                }
-            }
+                })
+                .await?;
             chunks.sort_by_key(|c| c.position);
             let whole = chunks.len() == head.info.chunks;
             last = Some(StoredDocument {
@@ -422,23 +416,9 @@ impl QdrantStore {
         if self.known_shape().await?.is_none() {
             return Ok(Vec::new());
         }
-        let mut votes = Vec::new();
-        let mut offset: Option<PointId> = None;
-        loop {
-            let mut request = ScrollPointsBuilder::new(&self.collection)
-                .filter(Filter::must([kind_is(KIND_FEEDBACK)]))
-                .limit(SCROLL_PAGE)
-                .with_payload(true)
-                .with_vectors(false);
-            if let Some(offset) = offset.take() {
-                request = request.offset(offset);
-            }
-            let request = request.build();
-            let page = self
-                .call("read feedback", |c| c.scroll(request.clone()))
-                .await?;
-            votes.extend(page.result.iter().filter_map(|point| {
-                let p = &point.payload;
+        let filter = Filter::must([kind_is(KIND_FEEDBACK)]);
+        let mut votes = self
+            .scroll_payloads(filter, "read feedback", |p| {
                 Some(Feedback {
                     id: text_of(p, "feedback_id")?,
                     created_at: integer_of(p, "created_at")?,
@@ -448,12 +428,8 @@ impl QdrantStore {
                     mode: text_of(p, "mode")?,
                     source_ids: serde_json::from_str(&text_of(p, "source_ids")?).ok()?,
                 })
-            }));
-            match page.next_page_offset {
-                Some(next) => offset = Some(next),
-                None => break,
-            }
-        }
+            })
+            .await?;
         // Scrolled in point-id order; the export is oldest first (within one second, in no
         // particular order: the cluster has no insertion order to give).
         votes.sort_by_key(|vote| vote.created_at);
