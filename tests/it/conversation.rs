@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::fake_ollama::FakeOllama;
-use crate::support::http::{get, post_json, sse_events};
+use crate::support::http::{get, open_post_json, post_json, read_until, sse_events};
 use crate::support::ServerProcess;
 
 const BOUND: Duration = Duration::from_secs(60);
@@ -419,20 +419,10 @@ fn v1_speaks_openais_wire_format_on_the_socket() {
     fake.set_answer_duration(Duration::from_secs(20));
     fake.set_tokens(50);
     let before = fake.cancelled();
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream.set_read_timeout(Some(BOUND)).unwrap();
-    let body =
-        json!({ "stream": true, "messages": [{ "role": "user", "content": FIRST }] }).to_string();
-    use std::io::{Read, Write};
-    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
+    let body = json!({ "stream": true, "messages": [{ "role": "user", "content": FIRST }] });
+    let mut stream = open_post_json(&addr, "/v1/chat/completions", &body, BOUND).unwrap();
     // The first token of "Answer [1] ...", however finely the fake splits it.
-    while !String::from_utf8_lossy(&seen).contains("{\"content\":\"A") {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0);
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stream, "{\"content\":\"A").unwrap();
     drop(stream);
     assert!(
         fake.wait_until(BOUND, |c| c.chat_cancelled > before),
@@ -527,11 +517,9 @@ fn a_client_that_leaves_during_the_rewrite_gets_no_answer_generated() {
     fake.set_first_token_delay(Duration::from_secs(2));
     fake.set_tokens(50);
     fake.set_answer_duration(Duration::from_secs(20));
-    let mut stream = std::net::TcpStream::connect(server.addr()).unwrap();
     let history = json!([{ "role": "user", "content": FIRST }, { "role": "assistant", "content": "USR2 [1]" }]);
-    let body = json!({ "question": FOLLOW_UP, "history": history }).to_string();
-    use std::io::Write;
-    write!(stream, "POST /api/ask/stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let body = json!({ "question": FOLLOW_UP, "history": history });
+    let stream = open_post_json(&server.addr(), "/api/ask/stream", &body, BOUND).unwrap();
     assert!(
         fake.wait_until(BOUND, |c| c.chat_started >= 1),
         "{:?}",

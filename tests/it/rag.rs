@@ -3,8 +3,6 @@
 //! and a real llama.cpp server, failures, cancellation, concurrency, and ingest under load.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -456,18 +454,11 @@ fn a_client_that_disconnects_cancels_its_upstream_generation() {
         ..FakeOptions::default()
     });
     let server = seeded_server_with(&fake, 1);
-    let mut stream = TcpStream::connect(server.addr()).unwrap();
-    stream.set_read_timeout(Some(BOUND)).unwrap();
-    let body = json!({ "question": "reload?" }).to_string();
-    write!(stream, "POST /api/ask/stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let question = json!({ "question": "reload?" });
+    let mut stream =
+        http::open_post_json(&server.addr(), "/api/ask/stream", &question, BOUND).unwrap();
     // Read until the first token has arrived, then hang up.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("event: token") {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0);
-        seen.extend_from_slice(&buf[..n]);
-    }
+    http::read_until(&mut stream, "event: token").unwrap();
     drop(stream);
     assert!(
         fake.wait_until(BOUND, |c| c.chat_cancelled >= 1),

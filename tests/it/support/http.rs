@@ -107,6 +107,46 @@ pub fn post_json(addr: &str, path: &str, json: &serde_json::Value) -> io::Result
     )
 }
 
+/// A JSON `POST` on a connection the test keeps: for a client that hangs up mid-answer (drop
+/// the stream). Reads time out after `within`.
+pub fn open_post_json(
+    addr: &str,
+    path: &str,
+    json: &serde_json::Value,
+    within: Duration,
+) -> io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(within))?;
+    let body = json.to_string();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(stream)
+}
+
+/// Reads `stream` until `marker` has arrived; the connection closing first is an error.
+pub fn read_until(stream: &mut TcpStream, marker: &str) -> io::Result<Vec<u8>> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(marker) {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "closed before {marker:?}: {}",
+                    String::from_utf8_lossy(&seen)
+                ),
+            ));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(seen)
+}
+
 /// `DELETE path` with extra headers.
 pub fn delete(addr: &str, path: &str, headers: &[&str]) -> io::Result<Response> {
     let mut head = format!("DELETE {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
